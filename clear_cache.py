@@ -1,0 +1,300 @@
+"""Delete the cached pages of the ports queued in ports_cache_clearing.
+
+One SERIALIZABLE transaction: read the distinct queued (category, port)
+pairs, delete every non-directory entry of <cache-dir>/<category>/<port>/,
+delete the queue rows the transaction saw, commit.  Rows queued meanwhile
+are not in the snapshot and stay for the next run.
+
+    clear_cache.py [--dsn DSN] [--cache-dir DIR] [--dry-run] [-q|-v] [CATEGORY/PORT ...]
+
+With CATEGORY/PORT arguments it clears just those ports and leaves the
+queue alone.  Exit status: 0 all handled, 1 database error or a port left
+queued, 2 usage or configuration error.
+"""
+
+import argparse
+import errno
+import logging
+import os
+import stat
+import sys
+import time
+
+import psycopg2
+import psycopg2.errorcodes
+import psycopg2.extensions
+
+NAME_MAX = 255
+ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
+RETRYABLE = {psycopg2.errorcodes.SERIALIZATION_FAILURE,
+             psycopg2.errorcodes.DEADLOCK_DETECTED}
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
+
+log = logging.getLogger("clear_cache")
+
+
+def main(argv=None):
+    parser = Parser(description=__doc__)
+    add_common_options(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be removed, change nothing")
+    parser.add_argument("ports", nargs="*", metavar="CATEGORY/PORT",
+                        help="clear just these ports; the queue is not read")
+    args = parser.parse_args(argv)
+    setup_logging("clear_cache", args.verbosity)
+    started = time.monotonic()
+    try:
+        dsn, cache_dir = load_config(args)
+        ports = [parse_port_argument(arg) for arg in args.ports]
+        cache_fd = open_cache_dir(cache_dir)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    clearer = Clearer(cache_fd, cache_dir, args.dry_run)
+    if ports:
+        failed = clearer.clear_ports(dict.fromkeys(ports))
+        rows = 0
+    else:
+        try:
+            rows, failed = flush_queue(dsn, clearer)
+        except psycopg2.Error as e:
+            log.error("database error: %s", db_error(e))
+            return 1
+    log.info("%scleared %d ports, deleted %d rows, removed %d files%s in %d ms",
+             "dry run: " if args.dry_run else "", clearer.ports, rows,
+             clearer.files, ", %d ports left queued" % len(failed) if failed else "",
+             (time.monotonic() - started) * 1000)
+    return 1 if failed else 0
+
+
+class ConfigError(Exception):
+    """A usage or configuration error: exit 2, touch nothing."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors take one line."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def add_common_options(parser):
+    """Add the options both scripts share."""
+    parser.add_argument("--dsn", help="libpq connection string "
+                        "(default: $CLEAR_CACHE_DSN, then libpq's PG* defaults)")
+    parser.add_argument("--cache-dir", help="cache root (default: $CLEAR_CACHE_DIR)")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
+                      const=logging.WARNING, default=logging.INFO,
+                      help="print only warnings and errors")
+    loud.add_argument("-v", "--verbose", dest="verbosity", action="store_const",
+                      const=logging.DEBUG, help="list each port")
+
+
+def setup_logging(name, level):
+    """Log one line per event on stderr; CLEAR_CACHE_TIMESTAMPS=0 drops the time."""
+    stamp = "" if os.environ.get("CLEAR_CACHE_TIMESTAMPS") == "0" else "%(asctime)s "
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=stamp + name + ": %(levelname)s: %(message)s")
+
+
+def load_config(args):
+    """Return (dsn, cache_dir) from the options, then the environment."""
+    dsn = args.dsn if args.dsn is not None else os.environ.get("CLEAR_CACHE_DSN", "")
+    try:
+        psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as e:
+        raise ConfigError("invalid DSN: %s" % one_line(e)) from None
+    cache_dir = args.cache_dir or os.environ.get("CLEAR_CACHE_DIR")
+    if not cache_dir:
+        raise ConfigError("no cache directory: give --cache-dir or set CLEAR_CACHE_DIR")
+    return dsn, os.path.abspath(cache_dir)
+
+
+def open_cache_dir(path):
+    """Open the cache root; a symlink here is the administrator's and is followed."""
+    try:
+        return os.open(path, DIR_FLAGS)
+    except OSError as e:
+        raise ConfigError("cache directory %s: %s" % (path, e.strerror)) from None
+
+
+def open_subdir(dir_fd, name, path):
+    """Open directory name under dir_fd; a symlink or a non-directory raises ENOTDIR."""
+    try:
+        return os.open(name, SUBDIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        raise NotADirectoryError(errno.ENOTDIR, "is a symlink" if link
+                                 else "is not a directory", path) from None
+
+
+def valid_name(name):
+    """Is name exactly one plain path component?"""
+    if name in ("", ".", "..") or "/" in name:
+        return False
+    if any(c < " " or c == "\x7f" for c in name):
+        return False
+    try:
+        return len(os.fsencode(name)) <= NAME_MAX
+    except UnicodeError:
+        return False
+
+
+def parse_port_argument(arg):
+    """Split a CATEGORY/PORT argument, refusing anything but two plain names."""
+    category, _, port = arg.partition("/")
+    if not (valid_name(category) and valid_name(port)):
+        raise ConfigError("not a CATEGORY/PORT: %r" % arg)
+    return category, port
+
+
+def db_error(e):
+    """Describe a psycopg2 error in one line, with a hint where one helps."""
+    text = e.diag.message_primary or one_line(e)
+    if e.pgcode == psycopg2.errorcodes.UNDEFINED_TABLE:
+        text += " (is schema.sql loaded?)"
+    return text
+
+
+def one_line(error):
+    """Squeeze an exception's message onto one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def connect(dsn, **params):
+    """Connect with keepalives, so that a dead peer is noticed while idle."""
+    params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                       keepalives_count=3, connect_timeout=10), **params)
+    return psycopg2.connect(dsn, application_name=os.path.basename(sys.argv[0])
+                            or "clear_cache", **params)
+
+
+def flush_queue(dsn, clearer):
+    """Clear every queued port in one transaction; return (rows deleted, failed ports)."""
+    conn = connect(dsn)
+    try:
+        conn.set_session(isolation_level="SERIALIZABLE")
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with conn, conn.cursor() as cur:
+                    return clear_snapshot(cur, clearer)
+            except psycopg2.Error as e:
+                if e.pgcode not in RETRYABLE or attempt == ATTEMPTS:
+                    raise
+                log.warning("retrying after %s (attempt %d)", db_error(e), attempt)
+                time.sleep(0.05 * attempt)
+    finally:
+        conn.close()
+
+
+def clear_snapshot(cur, clearer):
+    """Clear the ports in this transaction's snapshot and delete their rows."""
+    # Deduplicate in the database: a backlog can hold a million rows.
+    cur.execute("SELECT category, port, min(id), count(*)"
+                " FROM ports_cache_clearing GROUP BY category, port")
+    ports = {}
+    for category, port, first_id, count in cur:
+        if valid_name(category) and valid_name(port):
+            ports[category, port] = None
+        else:
+            # It can never name a cache entry, so it goes with the batch.
+            log.warning("row %d (%d rows): invalid name %r/%r, deleted unused",
+                        first_id, count, category, port)
+    failed = clearer.clear_ports(ports)
+    if clearer.dry_run:
+        cur.connection.rollback()
+        return 0, failed
+    # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
+    # committed after it started stays queued for the next run.
+    if failed:
+        categories, names = zip(*failed)
+        cur.execute("DELETE FROM ports_cache_clearing q WHERE NOT EXISTS"
+                    " (SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
+                    "  WHERE f.c = q.category AND f.p = q.port)",
+                    (list(categories), list(names)))
+    else:
+        cur.execute("DELETE FROM ports_cache_clearing")
+    return cur.rowcount, failed
+
+
+class Clearer:
+    """Removes port directories' entries, never following a link inside the cache."""
+
+    def __init__(self, cache_fd, cache_dir, dry_run=False):
+        self.cache_fd = cache_fd
+        self.cache_dir = cache_dir
+        self.dry_run = dry_run
+        self.ports = 0
+        self.files = 0
+
+    def clear_ports(self, ports):
+        """Clear each (category, port); return the ones that could not be cleared."""
+        failed = [p for p in ports if not self.clear_port(*p)]
+        self.ports += len(ports) - len(failed)
+        return failed
+
+    def clear_port(self, category, port):
+        """Remove the port's pages; False when one could not be removed."""
+        where = os.path.join(self.cache_dir, category, port)
+        try:
+            cat_fd = open_subdir(self.cache_fd, category, os.path.dirname(where))
+            try:
+                port_fd = open_subdir(cat_fd, port, where)
+            finally:
+                os.close(cat_fd)
+        except FileNotFoundError:
+            log.debug("%s: no cache directory", where)
+            return True
+        except NotADirectoryError as e:
+            # Not ours to follow; retrying would not change it.
+            log.warning("%s: %s, not entered", e.filename, e.strerror)
+            return True
+        except OSError as e:
+            log.error("cannot open %s: %s", where, e.strerror)
+            return False
+        try:
+            return self.remove_entries(port_fd, where)
+        finally:
+            os.close(port_fd)
+
+    def remove_entries(self, port_fd, where):
+        """Unlink every non-directory entry; a symlink goes as a link."""
+        ok = True
+        removed = 0
+        with os.scandir(port_fd) as entries:
+            for entry in entries:
+                path = os.path.join(where, entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    log.warning("%s: is a directory, left alone", path)
+                    continue
+                if self.dry_run:
+                    print(path)
+                    removed += 1
+                    continue
+                try:
+                    os.unlink(entry.name, dir_fd=port_fd)
+                    removed += 1
+                except FileNotFoundError:
+                    pass        # someone else removed it: that is the goal
+                except IsADirectoryError:
+                    log.warning("%s: is a directory, left alone", path)
+                except OSError as e:
+                    log.error("cannot remove %s: %s", path, e.strerror)
+                    ok = False
+        self.files += removed
+        log.debug("%s: removed %d files", where, removed)
+        return ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())

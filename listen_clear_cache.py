@@ -1,0 +1,314 @@
+"""Wait for NOTIFY clear_ports_cache and run clear_cache.py when it comes.
+
+Holds one autocommit LISTEN connection and sleeps in select().  A
+notification, a reconnect, SIGHUP, or a heartbeat that finds rows queued
+starts clear_cache.py as a separate process.  Runs never overlap, and
+notifications that arrive meanwhile fold into one more run, so a burst of
+changes costs a handful of runs.  The queue table is the truth; NOTIFY is
+only a wake-up, so every (re)connect is followed by a catch-up run.
+
+    listen_clear_cache.py [--dsn DSN] [--cache-dir DIR] [--channel NAME]
+                          [--heartbeat SECONDS] [-q|-v]
+
+Stays in the foreground and logs to stderr (daemontools, cron @reboot).
+SIGTERM or SIGINT: stop listening, let a running clearer finish, exit 0.
+SIGHUP: run the clearer now.
+"""
+
+import logging
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg2
+import psycopg2.extensions
+
+import clear_cache
+
+MIN_GAP = 0.25          # seconds between clearer starts; a lone change starts at once
+CONNECT_BACKOFF = 0.5, 30.0
+RUN_BACKOFF = 0.5, 60.0
+RUN_LIMIT = 10          # heartbeats a clearer may take before it is killed
+CHECK_QUERY = "SELECT EXISTS (SELECT FROM ports_cache_clearing)"
+VERBOSITY_FLAGS = {logging.WARNING: ["-q"], logging.INFO: [], logging.DEBUG: ["-v"]}
+
+log = logging.getLogger("listen_clear_cache")
+
+
+def main(argv=None):
+    parser = clear_cache.Parser(description=__doc__)
+    clear_cache.add_common_options(parser)
+    parser.add_argument("--channel", default="clear_ports_cache",
+                        help="channel to LISTEN on (default: %(default)s)")
+    parser.add_argument("--heartbeat", type=positive_seconds, default=30.0,
+                        metavar="SECONDS", help="check an idle connection this often,"
+                        " and give up on an answer after as long (default: 30)")
+    args = parser.parse_args(argv)
+    clear_cache.setup_logging("listen_clear_cache", args.verbosity)
+    try:
+        dsn, cache_dir = clear_cache.load_config(args)
+        os.close(clear_cache.open_cache_dir(cache_dir))
+        if not args.channel or "\0" in args.channel:
+            raise clear_cache.ConfigError("invalid channel name %r" % args.channel)
+    except clear_cache.ConfigError as e:
+        log.error("%s", e)
+        return 2
+    listener = Listener(dsn, cache_dir, args.channel, args.heartbeat,
+                        VERBOSITY_FLAGS[args.verbosity])
+    return listener.run()
+
+
+def positive_seconds(text):
+    """argparse type: a number of seconds greater than zero."""
+    value = float(text)
+    if not 0 < value < 1e6:
+        raise ValueError(text)
+    return value
+
+
+def backoff(failures, base_cap):
+    """Seconds to wait after the n-th failure in a row: doubling, capped, jittered."""
+    base, cap = base_cap
+    return min(cap, base * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
+
+
+class Unanswered(Exception):
+    """The server did not answer within a heartbeat."""
+
+
+class Listener:
+    """The daemon's state: one LISTEN connection, at most one clearer child."""
+
+    def __init__(self, dsn, cache_dir, channel, heartbeat, flags):
+        self.dsn = dsn
+        self.listen_sql = 'LISTEN "%s"' % channel.replace('"', '""')
+        self.channel = channel
+        self.heartbeat = heartbeat
+        self.argv = [sys.executable, clear_cache.__file__] + flags
+        # Secrets go through the environment: argv is visible to ps.
+        self.env = dict(os.environ, CLEAR_CACHE_DSN=dsn, CLEAR_CACHE_DIR=cache_dir)
+        self.conn = None
+        self.connect_failures = 0
+        self.next_connect = 0.0         # monotonic time of the next attempt
+        self.last_heard = 0.0           # last sign of life from the server
+        self.child = None
+        self.child_deadline = 0.0
+        self.run_failures = 0
+        self.pending = False            # a clearer run is wanted
+        self.next_start = 0.0           # earliest start of that run
+        self.signals = set()
+        self.stopping = False
+        self.wakeup = None
+
+    def run(self):
+        """The main loop; returns the exit status."""
+        self.install_signals()
+        while True:
+            self.handle_signals()
+            self.reap_clearer()
+            now = time.monotonic()
+            if self.stopping:
+                if self.child is None:
+                    break
+                self.wait_events()
+            elif self.conn is None and now >= self.next_connect:
+                self.reconnect()
+            elif self.conn is not None and now >= self.last_heard + self.heartbeat:
+                self.check_connection()
+            elif self.pending and self.child is None and now >= self.next_start:
+                self.start_clearer()
+            else:
+                self.wait_events()
+        log.info("stopped")
+        return 0
+
+    def install_signals(self):
+        """Let signals and child exits wake select() through a pipe."""
+        self.wakeup, writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda signum, frame: self.signals.add(signum))
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def handle_signals(self):
+        """Act on the signals the handlers only marked."""
+        while True:
+            try:
+                if not os.read(self.wakeup, 512):
+                    break
+            except BlockingIOError:
+                break
+        signals, self.signals = self.signals, set()
+        if signal.SIGHUP in signals:
+            log.info("SIGHUP: clearing now")
+            self.pending = True
+            self.next_start = 0.0
+        if signals & {signal.SIGTERM, signal.SIGINT} and not self.stopping:
+            log.info("stopping on signal%s", "" if self.child is None
+                     else ", after clearer pid %d ends" % self.child.pid)
+            self.stopping = True
+            self.close_connection()
+
+    def wait_events(self):
+        """Sleep in select() until a notification, a signal or the next deadline."""
+        deadlines = [float("inf")]
+        if self.child is not None:
+            deadlines.append(self.child_deadline)
+        if not self.stopping:
+            deadlines.append(self.next_connect if self.conn is None
+                             else self.last_heard + self.heartbeat)
+            if self.pending and self.child is None:
+                deadlines.append(self.next_start)
+        timeout = min(deadlines) - time.monotonic()
+        timeout = None if timeout == float("inf") else max(0.0, timeout)
+        # While a run is pending or running, notifications carry no news:
+        # leave them in the socket and drain them in one go when it starts.
+        idle = self.conn is not None and self.child is None and not self.pending
+        readable, _, _ = select.select([self.wakeup] + [self.conn] * idle, [], [], timeout)
+        if self.conn in readable and self.poll_notifications():
+            self.pending = True
+
+    def poll_notifications(self):
+        """Read what the server sent; True if it held notifications, now consumed."""
+        if self.conn is None:
+            return False
+        try:
+            self.conn.poll()
+        except psycopg2.Error as e:
+            self.drop_connection(clear_cache.one_line(e))
+            return False
+        self.last_heard = time.monotonic()
+        notified = bool(self.conn.notifies)
+        self.conn.notifies.clear()
+        return notified
+
+    def reconnect(self):
+        """Connect, LISTEN, and ask for a catch-up run; on failure, back off."""
+        conn = None
+        try:
+            conn = clear_cache.connect(self.dsn, async_=1)
+            self.wait_ready(conn)
+            cursor = conn.cursor()      # must outlive the asynchronous query
+            cursor.execute(self.listen_sql)
+            self.wait_ready(conn)
+        except (psycopg2.Error, Unanswered) as e:
+            if conn is not None:
+                conn.close()
+            if self.stopping:
+                return
+            self.connect_failures += 1
+            delay = backoff(self.connect_failures, CONNECT_BACKOFF)
+            self.next_connect = time.monotonic() + delay
+            log.error("cannot listen: %s; retrying in %.1f s",
+                      clear_cache.one_line(e), delay)
+            return
+        self.conn = conn
+        self.connect_failures = 0
+        self.last_heard = time.monotonic()
+        log.info("listening on channel %s", self.channel)
+        # Notifications sent while nobody listened are lost: catch up.
+        self.pending = True
+
+    def check_connection(self):
+        """Heartbeat: prove the connection alive, and sweep if rows wait unannounced."""
+        cursor = self.conn.cursor()
+        try:
+            cursor.execute(CHECK_QUERY)
+            self.wait_ready(self.conn)
+            queued = cursor.fetchone()[0]
+        except (psycopg2.OperationalError, psycopg2.InterfaceError, Unanswered) as e:
+            if not self.stopping:
+                self.drop_connection(clear_cache.one_line(e))
+            return
+        except psycopg2.Error as e:
+            log.warning("heartbeat query failed: %s", clear_cache.db_error(e))
+            queued = False
+        self.last_heard = time.monotonic()
+        if self.child is None and not self.pending and (queued or self.conn.notifies):
+            if not self.conn.notifies:
+                log.info("heartbeat found rows queued: clearing")
+            self.conn.notifies.clear()
+            self.pending = True
+
+    def wait_ready(self, conn):
+        """Poll an asynchronous operation to its end, for at most one heartbeat."""
+        deadline = time.monotonic() + self.heartbeat
+        while True:
+            state = conn.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unanswered("no answer from the server in %g s" % self.heartbeat)
+            want_write = state == psycopg2.extensions.POLL_WRITE
+            readable, _, _ = select.select([self.wakeup] + [conn] * (not want_write),
+                                           [conn] * want_write, [], remaining)
+            if self.wakeup in readable:
+                self.handle_signals()
+                if self.stopping:
+                    raise Unanswered("stopping")
+
+    def drop_connection(self, reason):
+        """Log a lost connection and schedule the first reconnect."""
+        log.error("connection lost: %s", reason)
+        self.close_connection()
+        self.next_connect = time.monotonic() + backoff(1, CONNECT_BACKOFF)
+
+    def close_connection(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def start_clearer(self):
+        """Start clear_cache.py; it covers every notification read so far."""
+        self.pending = False
+        self.poll_notifications()
+        now = time.monotonic()
+        self.next_start = now + MIN_GAP
+        try:
+            # Its own process group: a terminal's ^C reaches only the daemon,
+            # which then lets the clearer finish.
+            self.child = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
+                                          process_group=0)
+        except OSError as e:
+            self.fail_run("cannot start clearer: %s" % e)
+            return
+        self.child_deadline = now + RUN_LIMIT * self.heartbeat
+        log.debug("clearer pid %d started", self.child.pid)
+
+    def reap_clearer(self):
+        """Collect a finished clearer; kill one that has run far too long."""
+        if self.child is None:
+            return
+        code = self.child.poll()
+        if code is None:
+            if time.monotonic() >= self.child_deadline:
+                log.error("clearer pid %d still running after %g s: killing it",
+                          self.child.pid, RUN_LIMIT * self.heartbeat)
+                self.child.kill()
+                self.child_deadline = float("inf")
+            return
+        self.child = None
+        if code != 0:
+            self.fail_run("clearer exited with %s" % (code if code > 0
+                                                      else "signal %d" % -code))
+            return
+        self.run_failures = 0
+        if self.poll_notifications():
+            self.pending = True
+
+    def fail_run(self, reason):
+        """Retry a failed clear later, backing off, so a stuck port cannot spin us."""
+        self.run_failures += 1
+        delay = backoff(self.run_failures, RUN_BACKOFF)
+        self.pending = True
+        self.next_start = time.monotonic() + delay
+        log.error("%s; retrying in %.1f s", reason, delay)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
