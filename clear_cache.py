@@ -175,8 +175,9 @@ def connect(dsn, **params):
     """Connect with keepalives, so that a dead peer is noticed while idle."""
     params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
                        keepalives_count=3, connect_timeout=10), **params)
-    return psycopg2.connect(dsn, application_name=os.path.basename(sys.argv[0])
-                            or "clear_cache", **params)
+    # The DSN or PGAPPNAME may name the application; else the script does.
+    return psycopg2.connect(dsn, fallback_application_name=os.path.basename(sys.argv[0]),
+                            **params)
 
 
 def flush_queue(dsn, clearer):

@@ -1,0 +1,946 @@
+"""Tests for listen_clear_cache: a real PostgreSQL, real files, real processes.
+
+    make test
+
+The suite creates a scratch database, loads schema.sql into it with psql,
+and drops it at the end.  Without a reachable PostgreSQL it fails; it never
+skips.  Every wait is a poll with a deadline.
+"""
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CLEAR = str(HERE / "clear_cache.py")
+LISTEN = str(HERE / "listen_clear_cache.py")
+SCHEMA = str(HERE / "schema.sql")
+ADMIN_DSNS = [os.environ.get("TEST_ADMIN_DSN", "dbname=postgres"),
+              "dbname=postgres user=postgres",
+              "host=/var/run/postgresql dbname=postgres user=postgres"]
+PAGE = "Detail.Part1.head.PageSize100.PageNum1.html"
+
+
+# ---------------------------------------------------------------- helpers
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    """Poll predicate until it is true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
+        time.sleep(0.02)
+
+
+def sql(dsn, query, args=None):
+    """Run one statement in its own committed transaction; return its rows."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(query, args)
+            return cur.fetchall() if cur.description else cur.rowcount
+    finally:
+        conn.close()
+
+
+def queued(dsn):
+    """The queue's (category, port) rows, sorted."""
+    return sorted(sql(dsn, "SELECT category, port FROM ports_cache_clearing"))
+
+
+def add_ports(dsn, *names):
+    """Insert ports named 'category/port'."""
+    for name in names:
+        category, port = name.split("/")
+        sql(dsn, "INSERT INTO ports (category, name, version) VALUES (%s, %s, '1')",
+            (category, port))
+
+
+def touch_port(dsn, name, version="2"):
+    """Commit a one-row UPDATE of port 'category/port'."""
+    category, port = name.split("/")
+    assert sql(dsn, "UPDATE ports SET version = %s WHERE category = %s AND name = %s",
+               (version, category, port)) == 1
+
+
+def make_page(cache, name, page=PAGE):
+    """Create a cached page for 'category/port'; return its path."""
+    path = cache / name / page
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("<html>%s</html>" % name)
+    return path
+
+
+def tree(root):
+    """Every path below root with its kind and content, for before/after checks."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                found[path] = "link:" + os.readlink(path)
+            elif os.path.isdir(path):
+                found[path] = "dir"
+            else:
+                found[path] = Path(path).read_bytes()
+    return found
+
+
+def clear(*args, dsn, cache=None, env=None):
+    """Run clear_cache.py; return the CompletedProcess with text output."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CLEAR_CACHE_")}
+    full_env.update(env or {})
+    argv = [sys.executable, CLEAR, "--dsn", dsn]
+    if cache is not None:
+        argv += ["--cache-dir", str(cache)]
+    return subprocess.run(argv + list(args), env=full_env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def assert_one_line_error(result, code):
+    """The process failed with the given code, one line on stderr, no traceback."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tcp_dsn(dsn, port):
+    """dsn, reached over TCP on 127.0.0.1:port."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    params.update(host="127.0.0.1", port=str(port))
+    params.setdefault("user", sql(dsn, "SELECT current_user")[0][0])
+    return psycopg2.extensions.make_dsn(**params)
+
+
+def backends(dsn, application):
+    """Pids of this database's backends with the given application_name."""
+    return [pid for pid, in sql(dsn, "SELECT pid FROM pg_stat_activity WHERE datname ="
+                                " current_database() AND application_name = %s",
+                                (application,))]
+
+
+def waiting_on_lock(dsn, application):
+    """Is a backend of this application waiting for a lock?"""
+    return sql(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+               " AND wait_event_type = 'Lock'", (application,))[0][0] > 0
+
+
+class Daemon:
+    """listen_clear_cache.py as a real subprocess, its stderr in a file."""
+
+    def __init__(self, tmp_path, dsn, cache, *args, env=None):
+        self.log_path = tmp_path / ("daemon-%d.log" % time.monotonic_ns())
+        self.log_file = open(self.log_path, "w")
+        full_env = dict(os.environ, CLEAR_CACHE_DSN=dsn, **(env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, LISTEN, "--cache-dir", str(cache), "-v"] + list(args),
+            env=full_env, stdin=subprocess.DEVNULL, stdout=self.log_file,
+            stderr=self.log_file)
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def count(self, pattern):
+        """How many log lines match pattern."""
+        return len(re.findall(pattern, self.log(), re.M))
+
+    def wait_log(self, pattern, count=1, timeout=15.0):
+        """Wait until pattern has matched count log lines."""
+        wait_for(lambda: self.count(pattern) >= count, timeout,
+                 "%d x %r in the daemon log:\n%s" % (count, pattern, self.log()))
+
+    def runs(self):
+        """Clearer runs started so far."""
+        return self.count(r"clearer pid \d+ started")
+
+    def wait_idle(self):
+        """Wait until every started clearer has reported its summary."""
+        wait_for(lambda: self.runs() == self.count(r"clear_cache: .*(cleared \d+ ports|ERROR)")
+                 and self.runs() > 0, what="the clearer runs to end")
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout=20.0):
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+
+
+def clearer_children(pid):
+    """Pids of the clear_cache.py processes started by pid."""
+    try:
+        children = Path("/proc/%d/task/%d/children" % (pid, pid)).read_text().split()
+    except FileNotFoundError:
+        return []
+    return [int(c) for c in children
+            if CLEAR.encode() in Path("/proc/%s/cmdline" % c).read_bytes()]
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL that can freeze: sockets stay open, nothing moves."""
+
+    def __init__(self, upstream_port=5432, port=0):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.port = self.listener.getsockname()[1]
+        self.links = []                 # [client, server, frozen directions]
+        self.delay = 0.0
+        self.closed = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                continue
+            link = [client, server, set()]
+            self.links.append(link)
+            threading.Thread(target=self.pump, args=(link,), daemon=True).start()
+
+    def pump(self, link):
+        client, server, frozen = link
+        try:
+            while not self.closed:
+                wanted = [s for s, d in ((client, "up"), (server, "down")) if d not in frozen]
+                readable, _, _ = select.select(wanted, [], [], 0.05)
+                for sock in readable:
+                    if ("up" if sock is client else "down") in frozen:
+                        continue
+                    data = sock.recv(65536)
+                    if not data:
+                        return self.cut(link)
+                    if self.delay:
+                        time.sleep(self.delay)
+                    (server if sock is client else client).sendall(data)
+        except OSError:
+            self.cut(link)
+
+    def cut(self, link):
+        for sock in link[:2]:
+            sock.close()
+
+    def freeze(self, directions=("up", "down")):
+        """Stop forwarding on every open connection; new ones still work."""
+        for link in self.links:
+            link[2].update(directions)
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        for link in self.links:
+            self.cut(link)
+
+
+def make_undeletable(path):
+    """Make unlinking path fail, as root (immutable flag) or not (read-only directory)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.parent.chmod(0o555)
+    return lambda: path.parent.chmod(0o755)
+
+
+# --------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def admin_dsn():
+    """A connection string for a role that may create databases."""
+    errors = []
+    for dsn in ADMIN_DSNS:
+        try:
+            rows = sql(dsn, "SELECT rolcreatedb OR rolsuper FROM pg_roles"
+                       " WHERE rolname = current_user")
+        except psycopg2.OperationalError as e:
+            errors.append("%r: %s" % (dsn, " ".join(str(e).split())))
+            continue
+        if rows and rows[0][0]:
+            return dsn
+        errors.append("%r: role may not create databases" % dsn)
+    pytest.fail("no PostgreSQL reachable for the tests (set PGHOST/PGPORT/PGUSER or"
+                " TEST_ADMIN_DSN): " + "; ".join(errors), pytrace=False)
+
+
+def create_database(admin_dsn, name):
+    """Create database name, load schema.sql with psql; return its DSN."""
+    drop_database(admin_dsn, name)
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    conn.cursor().execute("CREATE DATABASE %s" % name)
+    conn.close()
+    dsn = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    load_schema(dsn)
+    return dsn
+
+
+def load_schema(dsn):
+    """Load schema.sql the way the README says: psql -v ON_ERROR_STOP=1 -f."""
+    result = subprocess.run(["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn,
+                             "-f", SCHEMA], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def drop_database(admin_dsn, name):
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    conn.cursor().execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def database(admin_dsn):
+    """A scratch database with the schema, dropped at the end."""
+    name = "lcc_test_%d" % os.getpid()
+    yield create_database(admin_dsn, name)
+    drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+def db(database):
+    """The scratch database, emptied for this test."""
+    sql(database, "TRUNCATE ports, ports_cache_clearing RESTART IDENTITY")
+    yield database
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """An empty cache directory, beside a directory that must never change."""
+    (tmp_path / "cache").mkdir()
+    outside = tmp_path / "outside"
+    (outside / "p").mkdir(parents=True)
+    (outside / "victim").write_text("must survive")
+    (outside / "p" / PAGE).write_text("must survive")
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def outside(cache):
+    """The directory beside the cache, and its contents before the test."""
+    path = cache.parent / "outside"
+    before = tree(path)
+    yield path
+    assert tree(path) == before, "something outside the cache directory changed"
+
+
+@pytest.fixture
+def daemon(tmp_path, db):
+    """Start listen_clear_cache.py daemons; kill what is left at the end."""
+    started = []
+
+    def start(cache, *args, dsn=db, env=None):
+        d = Daemon(tmp_path, dsn, cache, *args, env=env)
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        d.kill()
+        assert "Traceback" not in d.log(), d.log()
+
+
+@pytest.fixture
+def proxy():
+    """A freezable TCP proxy in front of the local PostgreSQL."""
+    p = Proxy()
+    yield p
+    p.close()
+
+
+# ----------------------------------------------------------------- schema
+
+def test_schema_loads_twice_and_keeps_data(admin_dsn):
+    name = "lcc_schema_%d" % os.getpid()
+    dsn = create_database(admin_dsn, name)
+    try:
+        add_ports(dsn, "www/a")
+        load_schema(dsn)
+        assert sql(dsn, "SELECT category, name FROM ports") == [("www", "a")]
+        assert queued(dsn) == [("www", "a")]
+        add_ports(dsn, "www/b")     # the trigger still works, once
+        assert queued(dsn) == [("www", "a"), ("www", "b")]
+    finally:
+        drop_database(admin_dsn, name)
+
+
+def test_trigger_queues_insert_update_delete(db):
+    add_ports(db, "www/a")
+    assert queued(db) == [("www", "a")]
+    sql(db, "TRUNCATE ports_cache_clearing")
+    touch_port(db, "www/a")
+    assert queued(db) == [("www", "a")]
+    sql(db, "TRUNCATE ports_cache_clearing")
+    sql(db, "DELETE FROM ports WHERE name = 'a'")
+    assert queued(db) == [("www", "a")]
+
+
+def test_trigger_queues_old_and_new_pair_on_rename_and_move(db):
+    add_ports(db, "www/a")
+    sql(db, "TRUNCATE ports_cache_clearing")
+    sql(db, "UPDATE ports SET name = 'b' WHERE name = 'a'")
+    assert queued(db) == [("www", "a"), ("www", "b")]
+    sql(db, "TRUNCATE ports_cache_clearing")
+    sql(db, "UPDATE ports SET category = 'net' WHERE name = 'b'")
+    assert queued(db) == [("net", "b"), ("www", "b")]
+
+
+def test_trigger_inserts_unconditionally(db):
+    add_ports(db, "www/a")
+    touch_port(db, "www/a")
+    touch_port(db, "www/a", "3")
+    assert queued(db) == [("www", "a")] * 3
+
+
+class Listening:
+    """A plain LISTEN connection, for watching what the trigger notifies."""
+
+    def __init__(self, dsn):
+        self.conn = psycopg2.connect(dsn)
+        self.conn.autocommit = True
+        self.conn.cursor().execute("LISTEN clear_ports_cache")
+
+    def received(self):
+        """Notifications received so far; a round trip first flushes in-flight ones."""
+        self.conn.cursor().execute("SELECT 1")
+        self.conn.poll()
+        return list(self.conn.notifies)
+
+
+def test_rollback_queues_and_notifies_nothing(db):
+    listening = Listening(db)
+    add_ports(db, "www/a")
+    wait_for(listening.received, what="the INSERT's notification")
+    listening.conn.notifies.clear()
+    sql(db, "TRUNCATE ports_cache_clearing")
+    conn = psycopg2.connect(db)
+    with conn.cursor() as cur:
+        cur.execute("UPDATE ports SET version = 'x'")
+        cur.execute("INSERT INTO ports (category, name) VALUES ('www', 'b')")
+    conn.rollback()
+    conn.close()
+    assert queued(db) == []
+    assert listening.received() == []
+
+
+def test_one_notification_per_transaction_without_payload(db):
+    add_ports(db, "www/a", "www/b", "www/c")
+    listening = Listening(db)
+    conn = psycopg2.connect(db)
+    with conn, conn.cursor() as cur:
+        for name in "abc":
+            cur.execute("UPDATE ports SET version = '9' WHERE name = %s", (name,))
+    conn.close()
+    notes = wait_for(listening.received, what="a notification")
+    assert [(n.channel, n.payload) for n in notes] == [("clear_ports_cache", "")]
+
+
+def test_statement_changing_nothing_notifies_nobody(db):
+    add_ports(db, "www/a")
+    sql(db, "TRUNCATE ports_cache_clearing")
+    listening = Listening(db)
+    assert sql(db, "UPDATE ports SET version = 'x' WHERE false") == 0
+    assert queued(db) == []
+    assert listening.received() == []
+
+
+# ------------------------------------------------------------ the clearer
+
+def test_flush_clears_queued_ports_only(db, cache, outside):
+    add_ports(db, "www/a", "www/b")
+    a, b = make_page(cache, "www/a"), make_page(cache, "www/b")
+    extra = make_page(cache, "www/a", "Other.html")
+    untouched = make_page(cache, "www/zz")
+    sql(db, "DELETE FROM ports_cache_clearing WHERE port = 'b'")
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not a.exists() and not extra.exists()
+    assert a.parent.is_dir(), "the port directory itself stays"
+    assert b.exists() and untouched.exists()
+    assert queued(db) == []
+    assert re.search(r"cleared 1 ports, deleted 1 rows, removed 2 files in \d+ ms",
+                     result.stderr), result.stderr
+
+
+def test_each_port_cleared_once_per_run(db, cache):
+    add_ports(db, "www/a")
+    for version in "234":
+        touch_port(db, "www/a", version)
+    make_page(cache, "www/a")
+    result = clear("-v", dsn=db, cache=cache)
+    assert result.returncode == 0
+    assert result.stderr.count("www/a: removed") == 1, result.stderr
+    assert "cleared 1 ports, deleted 4 rows, removed 1 files" in result.stderr
+
+
+def test_flush_of_an_empty_queue_succeeds(db, cache):
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0
+    assert "cleared 0 ports, deleted 0 rows" in result.stderr
+
+
+def test_quiet_prints_nothing_on_success(db, cache):
+    add_ports(db, "www/a")
+    make_page(cache, "www/a")
+    result = clear("-q", dsn=db, cache=cache)
+    assert result.returncode == 0
+    assert result.stderr == "" and result.stdout == ""
+
+
+def test_dry_run_changes_nothing(db, cache):
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    result = clear("--dry-run", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert str(page) in result.stdout
+    assert page.exists()
+    assert queued(db) == [("www", "a")]
+
+
+def test_explicit_ports_leave_the_queue_alone(db, cache):
+    add_ports(db, "www/a", "www/b")
+    a, b, c = (make_page(cache, n) for n in ("www/a", "www/b", "net/c"))
+    result = clear("www/b", "net/c", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert a.exists() and not b.exists() and not c.exists()
+    assert queued(db) == [("www", "a"), ("www", "b")]
+
+
+def test_explicit_port_that_is_not_a_plain_name_is_a_usage_error(db, cache, outside):
+    for arg in ("www", "../outside", "www/a/b", "/p"):
+        assert_one_line_error(clear(arg, dsn=db, cache=cache), 2)
+
+
+@pytest.mark.parametrize("cache_arg", [None, "missing"])
+def test_missing_cache_directory_exits_2_and_keeps_queue(db, tmp_path, cache_arg):
+    add_ports(db, "www/a")
+    result = clear(dsn=db, cache=cache_arg and tmp_path / cache_arg)
+    assert_one_line_error(result, 2)
+    assert queued(db) == [("www", "a")]
+
+
+def test_cache_directory_from_environment(db, cache):
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    result = clear(dsn=db, env={"CLEAR_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert not page.exists()
+
+
+def test_dsn_from_environment_then_libpq_defaults(db, cache):
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    env = dict(os.environ, CLEAR_CACHE_DSN=db)
+    result = subprocess.run([sys.executable, CLEAR, "--cache-dir", str(cache)], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists()
+    # With neither --dsn nor CLEAR_CACHE_DSN, libpq's PG* variables decide.
+    params = psycopg2.extensions.parse_dsn(db)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CLEAR_"))}
+    env.update(PGDATABASE=params["dbname"], PGUSER=params.get("user", ""))
+    if "host" in params:
+        env["PGHOST"] = params["host"]
+    add_ports(db, "www/b")
+    page = make_page(cache, "www/b")
+    result = subprocess.run([sys.executable, CLEAR, "--cache-dir", str(cache)], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists()
+
+
+HOSTILE = ["", ".", "..", "/", "a/b", "../outside", "x" * 256, "é" * 128,
+           "line\nbreak", "tab\there", "\x7f"]
+
+
+def test_hostile_names_never_touch_anything_outside(db, cache, outside):
+    good = make_page(cache, "www/good")
+    inside_before = tree(cache)
+    rows = [(name, "p") for name in HOSTILE] + [("www", name) for name in HOSTILE]
+    rows += [(str(outside), "p"), ("..", "outside"), ("www", str(outside / "p"))]
+    for category, port in rows:
+        sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES (%s, %s)",
+            (category, port))
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'good')")
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert queued(db) == [], "hostile rows go with the batch"
+    assert result.stderr.count("invalid name") == len(rows)
+    ids = re.findall(r"row (\d+) ", result.stderr)
+    assert len(ids) == len(rows)
+    assert not good.exists()
+    del inside_before[str(good)]
+    assert tree(cache) == inside_before
+
+
+def test_odd_but_plain_names_are_literal(db, cache):
+    odd = ["*", "[a-z]?", "..\\..", "-rf", "é" * 127, "x" * 255]
+    pages = [make_page(cache, "www/" + name) for name in odd]
+    other = make_page(cache, "www/other")
+    for name in odd:
+        sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', %s)",
+            (name,))
+    assert clear(dsn=db, cache=cache).returncode == 0
+    assert not any(p.exists() for p in pages) and other.exists()
+
+
+def test_symlinked_category_is_not_entered(db, cache, outside):
+    (cache / "evil").symlink_to(outside)
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('evil', 'p')")
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"evil: is a symlink, not entered", result.stderr), result.stderr
+    assert (cache / "evil").is_symlink()
+
+
+def test_symlinked_port_is_not_entered(db, cache, outside):
+    (cache / "www").mkdir()
+    (cache / "www" / "evil").symlink_to(outside / "p")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'evil')")
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "www/evil: is a symlink, not entered" in result.stderr
+    assert (cache / "www" / "evil").is_symlink()
+
+
+def test_symlinked_page_goes_as_a_link(db, cache, outside):
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    link = page.parent / "link.html"
+    link.symlink_to(outside / "victim")
+    dangling = page.parent / "dangling.html"
+    dangling.symlink_to(cache.parent / "nowhere")
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists() and not os.path.lexists(link)
+    assert not os.path.lexists(dangling)
+    assert "removed 3 files" in result.stderr
+
+
+def test_undeletable_file_keeps_its_port_queued(db, cache):
+    add_ports(db, "www/stuck", "www/fine")
+    stuck, fine = make_page(cache, "www/stuck"), make_page(cache, "www/fine")
+    undo = make_undeletable(stuck)
+    try:
+        result = clear(dsn=db, cache=cache)
+    finally:
+        undo()
+    assert result.returncode == 1, result.stderr
+    assert "cannot remove %s" % stuck in result.stderr
+    assert stuck.exists() and not fine.exists()
+    assert queued(db) == [("www", "stuck")]
+    assert clear(dsn=db, cache=cache).returncode == 0
+    assert queued(db) == [] and not stuck.exists()
+
+
+def test_serialization_failure_retries_the_transaction(db, cache):
+    """A concurrent flush deletes the rows under our feet: 40001, then a clean retry."""
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    other = psycopg2.connect(db)
+    other.set_session(isolation_level="REPEATABLE READ")
+    other.cursor().execute("DELETE FROM ports_cache_clearing")
+    proc = subprocess.Popen([sys.executable, CLEAR, "--dsn", db, "--cache-dir", str(cache)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: waiting_on_lock(db, "clear_cache.py"),
+                 what="the clearer to wait on the other transaction's row lock")
+        other.commit()
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        other.close()
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "retrying after could not serialize access" in stderr
+    assert not page.exists()
+    assert queued(db) == []
+
+
+def test_concurrent_clearers_both_succeed(db, cache):
+    names = ["www/p%d" % i for i in range(40)]
+    add_ports(db, *names)
+    for round_ in range(5):
+        for name in names:
+            make_page(cache, name)
+            touch_port(db, name, str(round_))
+        procs = [subprocess.Popen([sys.executable, CLEAR, "--dsn", db, "--cache-dir",
+                                   str(cache)], stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, stderr
+    assert queued(db) == []
+    assert not any((cache / name / PAGE).exists() for name in names)
+
+
+def test_unparsable_dsn_and_bad_database_leave_the_queue(db, cache):
+    add_ports(db, "www/a")
+    assert_one_line_error(clear(dsn="host='unterminated", cache=cache), 2)
+    assert_one_line_error(clear(dsn=psycopg2.extensions.make_dsn(db, dbname="no_such_db"),
+                                cache=cache), 1)
+    assert queued(db) == [("www", "a")]
+
+
+def test_missing_queue_table_is_one_line(admin_dsn, cache):
+    assert_one_line_error(clear(dsn=admin_dsn, cache=cache), 1)
+
+
+# ------------------------------------------------------------- the daemon
+
+def test_daemon_clears_a_committed_change(db, cache, daemon):
+    add_ports(db, "www/a", "www/b")
+    d = daemon(cache)
+    d.wait_log("listening on channel clear_ports_cache")
+    d.wait_idle()
+    a, b = make_page(cache, "www/a"), make_page(cache, "www/b")
+    touch_port(db, "www/a")
+    wait_for(lambda: not a.exists(), what="www/a's page to go")
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+    assert b.exists()
+
+
+def test_daemon_catches_up_at_start(db, cache, daemon):
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    d = daemon(cache)
+    wait_for(lambda: not page.exists(), what="the catch-up run")
+    assert queued(db) == []
+    d.wait_log("listening")
+
+
+def test_daemon_config_errors_exit_2_before_connecting(tmp_path, cache):
+    cases = [["--cache-dir", str(tmp_path / "missing")],
+             ["--cache-dir", str(cache), "--dsn", "host='unterminated"],
+             ["--cache-dir", str(cache), "--heartbeat", "0"],
+             ["--cache-dir", str(cache), "--channel", ""],
+             ["--cache-dir", str(cache), "--bogus"]]
+    for args in cases:
+        # The port is closed: a daemon that tried to connect would retry forever.
+        dsn = "host=127.0.0.1 port=%d connect_timeout=1" % free_port()
+        result = subprocess.run([sys.executable, LISTEN, "--dsn", dsn] + args,
+                                capture_output=True, text=True, timeout=30)
+        assert_one_line_error(result, 2)
+    result = subprocess.run([sys.executable, LISTEN], capture_output=True, text=True,
+                            timeout=30, env={k: v for k, v in os.environ.items()
+                                             if k != "CLEAR_CACHE_DIR"})
+    assert_one_line_error(result, 2)
+
+
+def test_daemon_reconnects_after_pg_terminate_backend(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "60")
+    d.wait_log("listening")
+    d.wait_idle()
+    page = make_page(cache, "www/a")
+    pids = wait_for(lambda: backends(db, "listen_clear_cache.py"), what="the backend")
+    sql(db, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    touch_port(db, "www/a")     # committed while the daemon is disconnected
+    wait_for(lambda: not page.exists(), what="the change to be cleared after reconnecting")
+    d.wait_log("connection lost")
+    d.wait_log("listening", 2)
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+
+
+def test_daemon_retries_the_first_connection_forever(db, cache, daemon):
+    port = free_port()
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    d = daemon(cache, dsn=tcp_dsn(db, port))
+    d.wait_log("cannot listen: .*retrying in", 3)
+    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", d.log())]
+    assert delays[0] < 1 and delays[2] > delays[0], "backoff must grow"
+    assert d.proc.poll() is None
+    p = Proxy(port=port)
+    try:
+        wait_for(lambda: not page.exists(), timeout=30, what="the catch-up after connecting")
+        d.wait_log("listening")
+    finally:
+        p.close()
+
+
+def test_daemon_recovers_from_a_frozen_connection(db, cache, daemon, proxy):
+    heartbeat = 1.0
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", str(heartbeat), dsn=tcp_dsn(db, proxy.port))
+    d.wait_log("listening")
+    d.wait_idle()
+    page = make_page(cache, "www/a")
+    proxy.freeze()
+    frozen_at = time.monotonic()
+    touch_port(db, "www/a")
+    # Two heartbeats to notice, the first reconnect's backoff, and slack for a busy machine.
+    wait_for(lambda: not page.exists(), timeout=2 * heartbeat + 0.6 + 10,
+             what="recovery from the frozen connection")
+    assert "no answer from the server" in d.log()
+    d.wait_log("listening", 2)
+    assert time.monotonic() - frozen_at < 60
+
+
+def test_daemon_sighup_flushes_rows_without_notify(db, cache, daemon):
+    d = daemon(cache, "--heartbeat", "600")
+    d.wait_log("listening")
+    d.wait_idle()
+    page = make_page(cache, "www/a")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'a')")
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: not page.exists(), what="SIGHUP's flush")
+    assert queued(db) == []
+    d.wait_log("SIGHUP")
+
+
+def test_daemon_heartbeat_sweeps_unannounced_rows(db, cache, daemon):
+    d = daemon(cache, "--heartbeat", "0.5")
+    d.wait_log("listening")
+    d.wait_idle()
+    page = make_page(cache, "www/a")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'a')")
+    wait_for(lambda: not page.exists(), what="the heartbeat's sweep")
+    d.wait_log("heartbeat found rows queued")
+
+
+def test_daemon_sigterm_exits_0(db, cache, daemon):
+    d = daemon(cache)
+    d.wait_log("listening")
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+    assert "stopped" in d.log()
+
+
+def test_daemon_sigint_exits_0(db, cache, daemon):
+    d = daemon(cache)
+    d.wait_log("listening")
+    d.signal(signal.SIGINT)
+    assert d.wait() == 0
+
+
+def test_daemon_lets_a_running_clearer_finish_and_keeps_secrets_off_argv(db, cache, daemon):
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    blocker = psycopg2.connect(db)      # holds the queue row: the clearer's DELETE waits
+    blocker.cursor().execute("SELECT * FROM ports_cache_clearing FOR UPDATE")
+    secret_dsn = db + " options='-c work_mem=4MB'"
+    d = daemon(cache, dsn=secret_dsn)
+    try:
+        wait_for(lambda: waiting_on_lock(db, "clear_cache.py"), what="a blocked clearer")
+        (child,) = clearer_children(d.proc.pid)
+        argv = Path("/proc/%d/cmdline" % child).read_bytes().split(b"\0")
+        environ = Path("/proc/%d/environ" % child).read_bytes().split(b"\0")
+        assert argv[0] == sys.executable.encode()
+        assert not any(b"work_mem" in arg or b"dbname" in arg for arg in argv)
+        assert b"CLEAR_CACHE_DSN=" + secret_dsn.encode() in environ
+        assert b"CLEAR_CACHE_DIR=" + str(cache).encode() in environ
+        d.signal(signal.SIGTERM)
+        d.wait_log("stopping")
+        assert d.proc.poll() is None, "the daemon must wait for its clearer"
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert d.wait() == 0
+    assert not page.exists() and queued(db) == []
+    log = d.log()
+    assert log.index("stopping") < log.index("cleared 1 ports") < log.index("stopped")
+
+
+def test_notifications_during_a_run_lead_to_exactly_one_more(db, cache, daemon):
+    names = ["www/p%d" % i for i in range(20)]
+    add_ports(db, "www/blocker", *names)
+    d = daemon(cache, "--heartbeat", "600")
+    d.wait_log("listening")
+    d.wait_idle()
+    blocker = psycopg2.connect(db)
+    touch_port(db, "www/blocker")
+    blocker.cursor().execute("SELECT * FROM ports_cache_clearing FOR UPDATE")
+    try:
+        runs_before = d.runs()
+        touch_port(db, "www/blocker", "3")
+        wait_for(lambda: waiting_on_lock(db, "clear_cache.py"), what="a blocked clearer")
+        pages = [make_page(cache, n) for n in names]
+        for name in names:
+            touch_port(db, name)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+    d.wait_idle()
+    assert not any(p.exists() for p in pages)
+    assert d.runs() - runs_before == 2, d.log()
+
+
+def test_daemon_retries_while_the_cache_directory_is_missing(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "600")
+    d.wait_log("listening")
+    d.wait_idle()
+    aside = cache.parent / "aside"
+    cache.rename(aside)
+    touch_port(db, "www/a")
+    d.wait_log(r"clearer exited with 2; retrying in", 2)
+    assert queued(db) == [("www", "a")]
+    page = make_page(aside, "www/a")
+    aside.rename(cache)
+    wait_for(lambda: not (cache / "www/a" / PAGE).exists(), timeout=30,
+             what="the retried clear once the directory is back")
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+    assert not page.exists()
+
+
+def test_burst_is_cleared_with_far_fewer_runs(db, cache, daemon):
+    names = ["www/p%d" % i for i in range(50)]
+    add_ports(db, *names)
+    d = daemon(cache, "--heartbeat", "600")
+    d.wait_log("listening")
+    d.wait_idle()
+    runs_before = d.runs()
+    commits = 4 * 250
+    errors = []
+
+    def writer(offset):
+        conn = psycopg2.connect(db)
+        try:
+            for i in range(commits // 4):
+                name = names[(i + offset) % len(names)]
+                make_page(cache, name, "w%d-%d.html" % (offset, i))
+                with conn, conn.cursor() as cur:
+                    cur.execute("UPDATE ports SET version = %s WHERE category || '/' || name"
+                                " = %s", (str(i), name))
+        except Exception as e:
+            errors.append(e)
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=writer, args=(w * 7,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+    wait_for(lambda: not any(os.listdir(cache / n) for n in names), what="every page to go")
+    d.wait_idle()
+    runs = d.runs() - runs_before
+    assert 1 <= runs <= commits // 10, "%d runs for %d commits" % (runs, commits)
