@@ -292,11 +292,12 @@ class Listener:
                 self.child.kill()
                 self.child_deadline = float("inf")
             return
-        self.child = None
+        pid, self.child = self.child.pid, None
         if code != 0:
-            self.fail_run("clearer exited with %s" % (code if code > 0
-                                                      else "signal %d" % -code))
+            self.fail_run("clearer pid %d exited with %s" % (
+                pid, code if code > 0 else "signal %d" % -code))
             return
+        log.debug("clearer pid %d done", pid)
         self.run_failures = 0
         if self.poll_notifications():
             self.pending = True

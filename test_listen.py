@@ -175,9 +175,21 @@ class Daemon:
         return self.count(r"clearer pid \d+ started")
 
     def wait_idle(self):
-        """Wait until every started clearer has reported its summary."""
-        wait_for(lambda: self.runs() == self.count(r"clear_cache: .*(cleared \d+ ports|ERROR)")
-                 and self.runs() > 0, what="the clearer runs to end")
+        """Wait until every clearer started so far has ended."""
+        wait_for(lambda: 0 < self.runs() == self.count(r"clearer pid \d+ (done|exited)"),
+                 what="the clearer runs to end")
+
+    def assert_runs_never_overlapped(self):
+        """Each clearer ended before the next one started."""
+        events = re.findall(r"clearer pid (\d+) (started|done|exited)", self.log())
+        running = None
+        for pid, event in events:
+            if event == "started":
+                assert running is None, "pid %s started while %s ran" % (pid, running)
+                running = pid
+            else:
+                assert running == pid
+                running = None
 
     def signal(self, signum):
         self.proc.send_signal(signum)
@@ -671,6 +683,9 @@ def test_serialization_failure_retries_the_transaction(db, cache):
     try:
         wait_for(lambda: waiting_on_lock(db, "clear_cache.py"),
                  what="the clearer to wait on the other transaction's row lock")
+        # SIRead locks exist only in SERIALIZABLE transactions.
+        assert sql(db, "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                   " WHERE mode = 'SIReadLock' AND application_name = 'clear_cache.py'")[0][0]
         other.commit()
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -890,6 +905,7 @@ def test_notifications_during_a_run_lead_to_exactly_one_more(db, cache, daemon):
     d.wait_idle()
     assert not any(p.exists() for p in pages)
     assert d.runs() - runs_before == 2, d.log()
+    d.assert_runs_never_overlapped()
 
 
 def test_daemon_retries_while_the_cache_directory_is_missing(db, cache, daemon):
@@ -900,7 +916,7 @@ def test_daemon_retries_while_the_cache_directory_is_missing(db, cache, daemon):
     aside = cache.parent / "aside"
     cache.rename(aside)
     touch_port(db, "www/a")
-    d.wait_log(r"clearer exited with 2; retrying in", 2)
+    d.wait_log(r"clearer pid \d+ exited with 2; retrying in", 2)
     assert queued(db) == [("www", "a")]
     page = make_page(aside, "www/a")
     aside.rename(cache)
@@ -944,3 +960,4 @@ def test_burst_is_cleared_with_far_fewer_runs(db, cache, daemon):
     d.wait_idle()
     runs = d.runs() - runs_before
     assert 1 <= runs <= commits // 10, "%d runs for %d commits" % (runs, commits)
+    d.assert_runs_never_overlapped()
