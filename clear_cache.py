@@ -16,6 +16,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import stat
 import sys
 import time
@@ -30,6 +31,7 @@ RETRYABLE = {psycopg2.errorcodes.SERIALIZATION_FAILURE,
              psycopg2.errorcodes.DEADLOCK_DETECTED}
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
+UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")    # a slash, or a control character
 
 log = logging.getLogger("clear_cache")
 
@@ -123,7 +125,7 @@ def open_cache_dir(path):
         raise ConfigError("cache directory %s: %s" % (path, e.strerror)) from None
 
 
-def open_subdir(dir_fd, name, path):
+def open_subdir(dir_fd, name):
     """Open directory name under dir_fd; a symlink or a non-directory raises ENOTDIR."""
     try:
         return os.open(name, SUBDIR_FLAGS, dir_fd=dir_fd)
@@ -135,14 +137,12 @@ def open_subdir(dir_fd, name, path):
         except OSError:
             link = False
         raise NotADirectoryError(errno.ENOTDIR, "is a symlink" if link
-                                 else "is not a directory", path) from None
+                                 else "is not a directory") from None
 
 
 def valid_name(name):
     """Is name exactly one plain path component?"""
-    if name in ("", ".", "..") or "/" in name:
-        return False
-    if any(c < " " or c == "\x7f" for c in name):
+    if name in ("", ".", "..") or UNSAFE.search(name):
         return False
     try:
         return len(os.fsencode(name)) <= NAME_MAX
@@ -237,49 +237,60 @@ class Clearer:
         self.dry_run = dry_run
         self.ports = 0
         self.files = 0
+        self.categories = {}    # name -> fd, or what open_dir said instead
 
     def clear_ports(self, ports):
         """Clear each (category, port); return the ones that could not be cleared."""
-        failed = [p for p in ports if not self.clear_port(*p)]
+        try:
+            failed = [p for p in ports if not self.clear_port(*p)]
+        finally:
+            for fd in self.categories.values():
+                if not isinstance(fd, bool):
+                    os.close(fd)
+            self.categories.clear()
         self.ports += len(ports) - len(failed)
         return failed
 
     def clear_port(self, category, port):
         """Remove the port's pages; False when one could not be removed."""
-        where = os.path.join(self.cache_dir, category, port)
+        if category not in self.categories:
+            self.categories[category] = self.open_dir(self.cache_fd, category)
+        port_fd = self.categories[category]
+        if not isinstance(port_fd, bool):
+            port_fd = self.open_dir(port_fd, port, category)
+        if isinstance(port_fd, bool):
+            return port_fd
         try:
-            cat_fd = open_subdir(self.cache_fd, category, os.path.dirname(where))
-            try:
-                port_fd = open_subdir(cat_fd, port, where)
-            finally:
-                os.close(cat_fd)
-        except FileNotFoundError:
-            log.debug("%s: no cache directory", where)
-            return True
-        except NotADirectoryError as e:
-            # Not ours to follow; retrying would not change it.
-            log.warning("%s: %s, not entered", e.filename, e.strerror)
-            return True
-        except OSError as e:
-            log.error("cannot open %s: %s", where, e.strerror)
-            return False
-        try:
-            return self.remove_entries(port_fd, where)
+            return self.remove_entries(port_fd, category, port)
         finally:
             os.close(port_fd)
 
-    def remove_entries(self, port_fd, where):
+    def open_dir(self, dir_fd, name, *parents):
+        """The fd of directory name, or True (nothing to clear) or False (failed)."""
+        try:
+            return open_subdir(dir_fd, name)
+        except FileNotFoundError:
+            return True
+        except NotADirectoryError as e:
+            # Not ours to follow; retrying would not change it.
+            log.warning("%s: %s, not entered", self.path(*parents, name), e.strerror)
+            return True
+        except OSError as e:
+            log.error("cannot open %s: %s", self.path(*parents, name), e.strerror)
+            return False
+
+    def remove_entries(self, port_fd, category, port):
         """Unlink every non-directory entry; a symlink goes as a link."""
         ok = True
         removed = 0
         with os.scandir(port_fd) as entries:
             for entry in entries:
-                path = os.path.join(where, entry.name)
                 if entry.is_dir(follow_symlinks=False):
-                    log.warning("%s: is a directory, left alone", path)
+                    log.warning("%s: is a directory, left alone",
+                                self.path(category, port, entry.name))
                     continue
                 if self.dry_run:
-                    print(path)
+                    print(self.path(category, port, entry.name))
                     removed += 1
                     continue
                 try:
@@ -288,13 +299,19 @@ class Clearer:
                 except FileNotFoundError:
                     pass        # someone else removed it: that is the goal
                 except IsADirectoryError:
-                    log.warning("%s: is a directory, left alone", path)
+                    log.warning("%s: is a directory, left alone",
+                                self.path(category, port, entry.name))
                 except OSError as e:
-                    log.error("cannot remove %s: %s", path, e.strerror)
+                    log.error("cannot remove %s: %s", self.path(category, port, entry.name),
+                              e.strerror)
                     ok = False
         self.files += removed
-        log.debug("%s: removed %d files", where, removed)
+        log.debug("%s/%s: removed %d files", category, port, removed)
         return ok
+
+    def path(self, *parts):
+        """A path under the cache directory, for messages only."""
+        return os.path.join(self.cache_dir, *parts)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,12 @@ import psycopg2.extensions
 
 import clear_cache
 
-MIN_GAP = 0.25          # seconds between clearer starts; a lone change starts at once
+# A lone change starts a clearer at once.  Changes that keep coming while one
+# runs make the next start wait for a pause of QUIET seconds, but never more
+# than MAX_DELAY after the previous start: a burst costs a run a second.
+MIN_GAP = 0.25          # seconds between clearer starts, at least
+QUIET = 0.05
+MAX_DELAY = 1.0
 CONNECT_BACKOFF = 0.5, 30.0
 RUN_BACKOFF = 0.5, 60.0
 RUN_LIMIT = 10          # heartbeats a clearer may take before it is killed
@@ -100,6 +105,7 @@ class Listener:
         self.run_failures = 0
         self.pending = False            # a clearer run is wanted
         self.next_start = 0.0           # earliest start of that run
+        self.started_at = -MAX_DELAY    # start of the latest run
         self.signals = set()
         self.stopping = False
         self.wakeup = None
@@ -264,10 +270,14 @@ class Listener:
             self.conn = None
 
     def start_clearer(self):
-        """Start clear_cache.py; it covers every notification read so far."""
-        self.pending = False
-        self.poll_notifications()
+        """Start clear_cache.py, unless changes are still pouring in."""
         now = time.monotonic()
+        if self.poll_notifications() and now < self.started_at + MAX_DELAY:
+            self.settle(now)
+            return
+        # Its snapshot comes later: it covers every notification read so far.
+        self.pending = False
+        self.started_at = now
         self.next_start = now + MIN_GAP
         try:
             # Its own process group: a terminal's ^C reaches only the daemon,
@@ -301,6 +311,11 @@ class Listener:
         self.run_failures = 0
         if self.poll_notifications():
             self.pending = True
+            self.settle(time.monotonic())
+
+    def settle(self, now):
+        """Changes keep coming: start after a pause, or MAX_DELAY after the last start."""
+        self.next_start = max(self.next_start, min(now + QUIET, self.started_at + MAX_DELAY))
 
     def fail_run(self, reason):
         """Retry a failed clear later, backing off, so a stuck port cannot spin us."""

@@ -47,10 +47,11 @@ def wait_for(predicate, timeout=15.0, what="condition"):
 
 
 def sql(dsn, query, args=None):
-    """Run one statement in its own committed transaction; return its rows."""
+    """Run one statement in autocommit mode; return its rows or row count."""
     conn = psycopg2.connect(dsn)
+    conn.autocommit = True
     try:
-        with conn, conn.cursor() as cur:
+        with conn.cursor() as cur:
             cur.execute(query, args)
             return cur.fetchall() if cur.description else cur.rowcount
     finally:
@@ -282,9 +283,8 @@ def make_undeletable(path):
 
 # --------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="session")
-def admin_dsn():
-    """A connection string for a role that may create databases."""
+def find_admin_dsn():
+    """A connection string for a role that may create databases, or fail saying why."""
     errors = []
     for dsn in ADMIN_DSNS:
         try:
@@ -296,8 +296,16 @@ def admin_dsn():
         if rows and rows[0][0]:
             return dsn
         errors.append("%r: role may not create databases" % dsn)
-    pytest.fail("no PostgreSQL reachable for the tests (set PGHOST/PGPORT/PGUSER or"
-                " TEST_ADMIN_DSN): " + "; ".join(errors), pytrace=False)
+    raise RuntimeError("no PostgreSQL reachable (set PGHOST/PGPORT/PGUSER or"
+                       " TEST_ADMIN_DSN): " + "; ".join(errors))
+
+
+@pytest.fixture(scope="session")
+def admin_dsn():
+    try:
+        return find_admin_dsn()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 def create_database(admin_dsn, name):

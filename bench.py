@@ -1,0 +1,244 @@
+"""Measure listen_clear_cache against its targets, in one run on this machine.
+
+    make bench
+
+Against the local PostgreSQL, in a scratch database created and dropped
+here.  Four measures: the latency of an isolated change (with the spawn
+floor it is compared to), a burst of 10,000 changes, a backlog of 1,000,000
+queued rows, and the cost of the trigger.  Prints a table, and exits 1
+naming each target missed and by how much.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+
+from test_listen import (CLEAR, Daemon, create_database, drop_database, find_admin_dsn,
+                         make_page, sql, wait_for)
+
+LATENCY_CHANGES = int(os.environ.get('BENCH_LATENCY_CHANGES', 40))
+LATENCY_SPACING = 1.05      # seconds between isolated changes: no burst logic applies
+FLOOR_RUNS = 21
+BURST_WRITERS, BURST_COMMITS, BURST_PORTS = 4, 2500, 1000
+BACKLOG_ROWS, BACKLOG_PORTS = 1_000_000, 30_000
+TRIGGER_ROWS, TRIGGER_REPEATS = 30_000, 5
+
+
+def main():
+    try:
+        admin = find_admin_dsn()
+    except RuntimeError as e:
+        sys.exit("bench: %s" % e)
+    name = "lcc_bench_%d" % os.getpid()
+    db = create_database(admin, name)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for measure in (measure_latency, measure_burst, measure_backlog, measure_trigger):
+                work = Path(tmp) / measure.__name__
+                (work / "cache").mkdir(parents=True)
+                sql(db, "TRUNCATE ports, ports_cache_clearing")
+                rows += measure(db, work)
+    finally:
+        drop_database(admin, name)
+    print_table(rows)
+    missed = [r for r in rows if r[3] is False]
+    for what, value, target, _ in missed:
+        print("MISSED: %s = %s, target %s" % (what, value, target), file=sys.stderr)
+    return 1 if missed else 0
+
+
+def print_table(rows):
+    """The results as a Markdown table, ready for the README."""
+    print("| measure | result | target | met |")
+    print("|---|---|---|---|")
+    for what, value, target, ok in rows:
+        print("| %s | %s | %s | %s |" % (what, value, target or "",
+                                         "" if ok is None else "yes" if ok else "**no**"))
+
+
+def check(what, value, limit, unit, fmt="%.1f"):
+    """A table row for a value that must not exceed limit; the miss shows by how much."""
+    shown = (fmt % value) + unit
+    target = "<= " + (fmt % limit) + unit
+    if value > limit:
+        target += " (over by %s%s)" % (fmt % (value - limit), unit)
+    return what, shown, target, value <= limit
+
+
+def info(what, value):
+    return what, value, None, None
+
+
+def spawn_floor(db):
+    """Median wall time of a bare Python process that imports psycopg2 and connects."""
+    code = "import psycopg2; psycopg2.connect(%r).close()" % db
+    times = []
+    for _ in range(FLOOR_RUNS):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def measure_latency(db, work):
+    """COMMIT of a one-row UPDATE to its cache file gone, with the daemon running."""
+    cache = work / "cache"
+    names = ["lat/p%d" % i for i in range(LATENCY_CHANGES)]
+    sql(db, "INSERT INTO ports (category, name) SELECT 'lat', 'p' || i"
+        " FROM generate_series(0, %s) AS i", (LATENCY_CHANGES - 1,))
+    daemon = Daemon(work, db, cache)
+    try:
+        daemon.wait_log("listening")
+        daemon.wait_idle()
+        conn = psycopg2.connect(db)
+        latencies = []
+        for name in names:
+            time.sleep(LATENCY_SPACING)     # pacing, not synchronisation
+            page = make_page(cache, name)
+            with conn, conn.cursor() as cur:
+                cur.execute("UPDATE ports SET version = 'x' WHERE category = 'lat'"
+                            " AND name = %s", (name.split("/")[1],))
+            committed = time.perf_counter()
+            while page.exists():
+                time.sleep(0.0005)
+            latencies.append((time.perf_counter() - committed) * 1000)
+        conn.close()
+    finally:
+        daemon.kill()
+    floor = spawn_floor(db)
+    p50, worst = statistics.median(latencies), max(latencies)
+    return [info("spawn floor (python, import psycopg2, connect), median of %d" % FLOOR_RUNS,
+                 "%.1f ms" % floor),
+            check("latency of an isolated change, p50 of %d" % LATENCY_CHANGES,
+                  p50, floor + 15, " ms"),
+            check("latency of an isolated change, max", worst, 2 * floor + 25, " ms")]
+
+
+def cpu_seconds(pid):
+    """CPU time of pid and its reaped children, in seconds."""
+    fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_burst(db, work):
+    """4 writers commit 2,500 one-row UPDATEs each over 1,000 cached ports."""
+    cache = work / "cache"
+    names = ["burst/p%d" % i for i in range(BURST_PORTS)]
+    sql(db, "INSERT INTO ports (category, name) SELECT 'burst', 'p' || i"
+        " FROM generate_series(0, %s) AS i", (BURST_PORTS - 1,))
+    pages = [make_page(cache, name) for name in names]
+    daemon = Daemon(work, db, cache)
+    try:
+        daemon.wait_log("listening")
+        daemon.wait_idle()
+        wait_for(lambda: not any(p.exists() for p in pages), what="the catch-up run")
+        pages = [make_page(cache, name) for name in names]
+        runs_before, cpu_before = daemon.runs(), cpu_seconds(daemon.proc.pid)
+        last_commits = []
+
+        def writer(w):
+            conn = psycopg2.connect(db)
+            with conn.cursor() as cur:
+                for i in range(BURST_COMMITS):
+                    cur.execute("UPDATE ports SET version = %s WHERE category = 'burst'"
+                                " AND name = %s", (str(i), "p%d" % ((i * 7 + w * 251)
+                                                                  % BURST_PORTS)))
+                    conn.commit()
+            last_commits.append(time.perf_counter())
+            conn.close()
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(BURST_WRITERS)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        last = max(last_commits)
+
+        def drained():
+            return (not any(p.exists() for p in pages) and
+                    sql(db, "SELECT count(*) FROM ports_cache_clearing")[0][0] == 0)
+        wait_for(drained, timeout=120, what="the burst to be cleared")
+        lag = time.perf_counter() - last
+        daemon.wait_idle()
+        runs = daemon.runs() - runs_before
+        cpu = cpu_seconds(daemon.proc.pid) - cpu_before
+    finally:
+        daemon.kill()
+    return [info("burst: writers' wall time for %d commits" % (BURST_WRITERS * BURST_COMMITS),
+                 "%.2f s" % wall),
+            check("burst: lag from last COMMIT to queue empty and files gone", lag, 0.5, " s",
+                  "%.2f"),
+            check("burst: clearer runs started", runs, 100, "", "%d"),
+            check("burst: daemon CPU, children included, share of writers' wall",
+                  100 * cpu / wall, 30, " %")]
+
+
+def measure_backlog(db, work):
+    """One clear_cache.py run over 1,000,000 queued rows naming 30,000 cached ports."""
+    cache = work / "cache"
+    per_category = 1000
+    for c in range(BACKLOG_PORTS // per_category):
+        for p in range(per_category):
+            make_page(cache, "c%d/p%d" % (c, c * per_category + p))
+    sql(db, "INSERT INTO ports_cache_clearing (category, port)"
+        " SELECT 'c' || (i %% %s) / %s, 'p' || i %% %s FROM generate_series(1, %s) AS i"
+        % (BACKLOG_PORTS, per_category, BACKLOG_PORTS, BACKLOG_ROWS))
+    sql(db, "VACUUM ANALYZE ports_cache_clearing")
+    env = dict(os.environ, CLEAR_CACHE_DSN=db, CLEAR_CACHE_DIR=str(cache))
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, CLEAR, "-q"], env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, "the backlog run failed"
+    assert sql(db, "SELECT count(*) FROM ports_cache_clearing")[0][0] == 0
+    left = sum(len(files) for _, _, files in os.walk(cache))
+    assert left == 0, "%d files left" % left
+    return [check("backlog: wall time, 1M rows over 30k ports", wall, 2.5, " s", "%.2f"),
+            check("backlog: peak RSS", usage.ru_maxrss / 1024, 64, " MB")]
+
+
+def measure_trigger(db, work):
+    """UPDATE of 30,000 rows with the trigger and without it, median of 5 each."""
+    sql(db, "INSERT INTO ports (category, name, version) SELECT 'c' || i / 1000, 'p' || i,"
+        " '0' FROM generate_series(1, %s) AS i", (TRIGGER_ROWS,))
+    conn = psycopg2.connect(db)
+    conn.autocommit = True
+    cur = conn.cursor()
+    timings = {"with": [], "without": []}
+    added = None
+    for repeat in range(TRIGGER_REPEATS):
+        for mode in timings:
+            cur.execute("TRUNCATE ports_cache_clearing")
+            cur.execute("VACUUM ports")
+            cur.execute("ALTER TABLE ports %s TRIGGER USER"
+                        % ("ENABLE" if mode == "with" else "DISABLE"))
+            start = time.perf_counter()
+            cur.execute("BEGIN")
+            cur.execute("UPDATE ports SET version = %s", ("v%d" % repeat,))
+            cur.execute("COMMIT")
+            timings[mode].append(time.perf_counter() - start)
+            if mode == "with":
+                cur.execute("SELECT count(*) FROM ports_cache_clearing")
+                added = cur.fetchone()[0]
+    cur.execute("ALTER TABLE ports ENABLE TRIGGER USER")
+    conn.close()
+    with_, without = (statistics.median(timings[m]) * 1000 for m in ("with", "without"))
+    return [info("trigger: 30k-row UPDATE without / with trigger, median of 5",
+                 "%.0f ms / %.0f ms" % (without, with_)),
+            check("trigger: cost ratio", with_ / without, 1.35, "", "%.2f"),
+            check("trigger: queue rows added by the 30k-row UPDATE", added, TRIGGER_ROWS, "",
+                  "%d")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
