@@ -15,7 +15,6 @@ SIGTERM or SIGINT: stop listening, let a running clearer finish, exit 0.
 SIGHUP: run the clearer now.
 """
 
-import logging
 import os
 import random
 import select
@@ -39,9 +38,9 @@ CONNECT_BACKOFF = 0.5, 30.0
 RUN_BACKOFF = 0.5, 60.0
 RUN_LIMIT = 10          # heartbeats a clearer may take before it is killed
 CHECK_QUERY = "SELECT EXISTS (SELECT FROM ports_cache_clearing)"
-VERBOSITY_FLAGS = {logging.WARNING: ["-q"], logging.INFO: [], logging.DEBUG: ["-v"]}
+VERBOSITY_FLAGS = {clear_cache.WARNING: ["-q"], clear_cache.INFO: [], clear_cache.DEBUG: ["-v"]}
 
-log = logging.getLogger("listen_clear_cache")
+log = clear_cache.Logger("listen_clear_cache")
 
 
 def main(argv=None):
@@ -53,7 +52,7 @@ def main(argv=None):
                         metavar="SECONDS", help="check an idle connection this often,"
                         " and give up on an answer after as long (default: 30)")
     args = parser.parse_args(argv)
-    clear_cache.setup_logging("listen_clear_cache", args.verbosity)
+    clear_cache.setup_logging(args.verbosity)
     try:
         dsn, cache_dir = clear_cache.load_config(args)
         os.close(clear_cache.open_cache_dir(cache_dir))
