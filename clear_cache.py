@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 
 import psycopg2
@@ -30,6 +31,9 @@ RETRYABLE = {psycopg2.errorcodes.SERIALIZATION_FAILURE,
              psycopg2.errorcodes.DEADLOCK_DETECTED}
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
+# A queue row q whose (category, port) is among two parallel arrays.
+MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
+                 " WHERE f.c = q.category AND f.p = q.port)")
 UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")    # a slash, or a control character
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
@@ -243,31 +247,65 @@ def flush_queue(dsn, clearer):
 def clear_snapshot(cur, clearer):
     """Clear the ports in this transaction's snapshot and delete their rows."""
     # Deduplicate in the database: a backlog can hold a million rows.
-    cur.execute("SELECT category, port, min(id), count(*)"
-                " FROM ports_cache_clearing GROUP BY category, port")
-    ports = {}
-    for category, port, first_id, count in cur:
-        if valid_name(category) and valid_name(port):
-            ports[category, port] = None
-        else:
-            # It can never name a cache entry, so it goes with the batch.
-            log.warning("row %d (%d rows): invalid name %r/%r, deleted unused",
-                        first_id, count, category, port)
-    failed = clearer.clear_ports(ports)
+    cur.execute("SELECT DISTINCT category, port FROM ports_cache_clearing")
+    ports = dict.fromkeys(cur.fetchall())
+    invalid = [p for p in ports if not (valid_name(p[0]) and valid_name(p[1]))]
+    if invalid:
+        # They can never name a cache entry, so they go with the batch.
+        cur.execute("SELECT min(id), count(*), category, port FROM ports_cache_clearing q"
+                    " WHERE EXISTS " + MATCHING_PAIR + " GROUP BY category, port",
+                    pair_arrays(invalid))
+        for row in cur:
+            log.warning("row %d (%d rows): invalid name %r/%r, deleted unused", *row)
+        for pair in invalid:
+            del ports[pair]
     if clearer.dry_run:
+        failed = clearer.clear_ports(ports)
         cur.connection.rollback()
         return 0, failed
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
-    # committed after it started stays queued for the next run.
+    # committed after it started stays queued for the next run.  Nothing is
+    # committed before the files are gone, so the server may delete the rows
+    # while we delete the files.
+    cur.execute("SAVEPOINT snapshot_read")
+    deleted = in_thread(cur.connection, "DELETE FROM ports_cache_clearing")
+    try:
+        failed = clearer.clear_ports(ports)
+    finally:
+        rows = deleted()
     if failed:
-        categories, names = zip(*failed)
-        cur.execute("DELETE FROM ports_cache_clearing q WHERE NOT EXISTS"
-                    " (SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
-                    "  WHERE f.c = q.category AND f.p = q.port)",
-                    (list(categories), list(names)))
-    else:
-        cur.execute("DELETE FROM ports_cache_clearing")
-    return cur.rowcount, failed
+        cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
+        cur.execute("DELETE FROM ports_cache_clearing q WHERE NOT EXISTS " + MATCHING_PAIR,
+                    pair_arrays(failed))
+        rows = cur.rowcount
+    return rows, failed
+
+
+def pair_arrays(pairs):
+    """Query parameters for MATCHING_PAIR: the categories, then the ports."""
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def in_thread(conn, query):
+    """Run query on conn in a thread; return a function that waits for its row count."""
+    result = {}
+
+    def run():
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query)
+                result["rows"] = cur.rowcount
+        except BaseException as e:      # handed to the caller
+            result["error"] = e
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def wait():
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["rows"]
+    return wait
 
 
 class Clearer:
