@@ -6,6 +6,7 @@ PSQL ?= psql
 CACHE_DIR ?= cache
 VENV := .venv
 PY := $(VENV)/bin/python
+PYTEST_OPTS := -o "markers=reliability: stress, fault and hostile-input campaign (make reliability)"
 
 .PHONY: test run demo flush bench reliability venv pg-answers
 
@@ -31,7 +32,7 @@ pg-answers: venv
 	@$(PY) -c "$$PG_ANSWERS"
 
 test: pg-answers
-	$(PY) -m pytest -q test_listen.py
+	$(PY) -m pytest -q $(PYTEST_OPTS) test_listen.py
 
 run: pg-answers
 	$(PSQL) -q -v ON_ERROR_STOP=1 -f schema.sql
@@ -46,7 +47,9 @@ bench: pg-answers
 	$(PY) bench.py
 
 reliability: pg-answers
-	$(PY) -m pytest -q test_listen.py -m reliability -p no:cacheprovider --report
+	rm -f reliability.json
+	$(PY) -m pytest -q $(PYTEST_OPTS) -m reliability test_listen.py
+	$(PY) test_listen.py
 
 # The demo uses the database `make run` uses, a temporary cache directory,
 # and a port named demo/hello that it removes again.

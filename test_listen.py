@@ -7,13 +7,18 @@ and drops it at the end.  Without a reachable PostgreSQL it fails; it never
 skips.  Every wait is a poll with a deadline.
 """
 
+import glob
+import json
 import os
+import random
 import re
 import select
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +26,9 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from clear_cache import valid_name
 
 HERE = Path(__file__).resolve().parent
 CLEAR = str(HERE / "clear_cache.py")
@@ -223,7 +231,8 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.links = []                 # [client, server, frozen directions]
-        self.delay = 0.0
+        self.delay = 0.0                # seconds added to every chunk forwarded
+        self.stall_new = False          # new connections start frozen too
         self.closed = False
         threading.Thread(target=self.accept, daemon=True).start()
 
@@ -234,7 +243,7 @@ class Proxy:
                 server = socket.create_connection(self.upstream)
             except OSError:
                 continue
-            link = [client, server, set()]
+            link = [client, server, {"up", "down"} if self.stall_new else set()]
             self.links.append(link)
             threading.Thread(target=self.pump, args=(link,), daemon=True).start()
 
@@ -969,3 +978,461 @@ def test_burst_is_cleared_with_far_fewer_runs(db, cache, daemon):
     runs = d.runs() - runs_before
     assert 1 <= runs <= commits // 10, "%d runs for %d commits" % (runs, commits)
     d.assert_runs_never_overlapped()
+
+
+# ------------------------------------------- reliability (make reliability)
+#
+# These push hard and record their figures in reliability.json, which
+# `make reliability` prints as the README's table.
+
+FIGURES = HERE / "reliability.json"
+reliability = pytest.mark.reliability
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """Scenario -> figures, written to reliability.json at the end."""
+    found = {}
+    yield found
+    if found:
+        old = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+        old.update(found)
+        FIGURES.write_text(json.dumps(old, indent=1, sort_keys=True))
+
+
+def print_reliability_table():
+    """Print reliability.json as a Markdown table."""
+    rows = json.loads(FIGURES.read_text())
+    columns = ["committed", "cleared", "wrongly deleted", "restarts survived",
+               "reconnect s", "notes"]
+    print("| scenario | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, row in sorted(rows.items()):
+        print("| %s | %s |" % (name, " | ".join(str(row.get(c, "")) for c in columns)))
+
+
+class Writers:
+    """Writer connections committing changes while recording what committed."""
+
+    def __init__(self, dsn, cache):
+        self.dsn, self.cache = dsn, cache
+        self.committed = {}         # port name -> pages whose change committed
+        self.rolled_back = {}
+        self.uncertain = 0          # COMMITs that failed: committed or not, unknown
+        self.lock = threading.Lock()
+
+    def run(self, writer, names, count, rollback=(), every=10):
+        """Write a page, update its port, commit; each every-th on rollback ports rolls back."""
+        conn = None
+        for i in range(count):
+            back = bool(rollback) and i % every == every - 1
+            name = (rollback if back else names)[(i * 7 + writer) % len(rollback if back
+                                                                         else names)]
+            page = make_page(self.cache, name, "w%d-%d.html" % (writer, i))
+            try:
+                if conn is None:
+                    conn = psycopg2.connect(self.dsn, connect_timeout=5)
+                category, port = name.split("/")
+                with conn.cursor() as cur:
+                    cur.execute("UPDATE ports SET version = %s WHERE category = %s"
+                                " AND name = %s", (str(i), category, port))
+                if back:
+                    conn.rollback()
+                    target = self.rolled_back
+                else:
+                    conn.commit()
+                    target = self.committed
+            except psycopg2.Error:
+                with self.lock:
+                    self.uncertain += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)    # the server is restarting: back off a little
+                continue
+            with self.lock:
+                target.setdefault(name, []).append(page)
+        if conn is not None:
+            conn.close()
+
+    def start(self, *args_per_writer):
+        threads = [threading.Thread(target=self.run, args=args)
+                   for args in args_per_writer]
+        for t in threads:
+            t.start()
+        return threads
+
+    def lost(self):
+        """Pages of committed changes that still exist."""
+        return [p for pages in self.committed.values() for p in pages if p.exists()]
+
+
+def drained(dsn, writers):
+    """Is the queue empty and every committed change's page gone?"""
+    return queued(dsn) == [] and not writers.lost()
+
+
+def random_clearer_killer(daemon_pid, stop, kills, limit=8):
+    """SIGKILL the daemon's running clearer now and then, up to limit times."""
+    rng = random.Random(4)
+    while not stop.is_set() and len(kills) < limit:
+        time.sleep(rng.uniform(0.1, 0.4))
+        for pid in clearer_children(daemon_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                kills.append(pid)
+            except ProcessLookupError:
+                pass
+
+
+def random_manual_flushes(dsn, cache, stop, results):
+    """Run clear_cache.py by hand at random moments."""
+    rng = random.Random(7)
+    while not stop.is_set():
+        time.sleep(rng.uniform(0.05, 0.3))
+        results.append(clear(dsn=dsn, cache=cache).returncode)
+
+
+@reliability
+@pytest.mark.parametrize("kill_clearers", [False, True], ids=["plain", "sigkill"])
+def test_no_lost_invalidation_under_load(db, cache, daemon, figures, kill_clearers):
+    committed_ports = ["load/p%d" % i for i in range(100)]
+    rollback_ports = ["back/p%d" % i for i in range(10)]
+    untouched = ["calm/p%d" % i for i in range(10)]
+    add_ports(db, *committed_ports, *rollback_ports, *untouched)
+    d = daemon(cache)
+    d.wait_log("listening")
+    d.wait_idle()
+    calm_pages = [make_page(cache, name) for name in untouched]
+    writers = Writers(db, cache)
+    stop = threading.Event()
+    flushes, kills = [], []
+    helpers = [threading.Thread(target=random_manual_flushes, args=(db, cache, stop, flushes))]
+    if kill_clearers:
+        helpers.append(threading.Thread(target=random_clearer_killer,
+                                        args=(d.proc.pid, stop, kills)))
+    for h in helpers:
+        h.start()
+    threads = writers.start(*[(w, committed_ports, 500, rollback_ports) for w in range(8)])
+    for t in threads:
+        t.join()
+    stop.set()
+    for h in helpers:
+        h.join()
+    wait_for(lambda: drained(db, writers), timeout=120, what="every committed change cleared")
+    committed = sum(len(p) for p in writers.committed.values())
+    assert committed >= 8 * 450 - writers.uncertain
+    assert writers.uncertain == 0
+    kept = [p for pages in writers.rolled_back.values() for p in pages]
+    assert kept and all(p.exists() for p in kept), "a rolled-back change was cleared"
+    assert all(p.exists() for p in calm_pages), "an untouched port was cleared"
+    assert all(code == 0 for code in flushes), flushes
+    assert d.proc.poll() is None
+    if kill_clearers:
+        assert kills, "no clearer was killed"
+    figures["load, 8 writers x 500" + (", clearers SIGKILLed" if kill_clearers else "")] = {
+        "committed": committed, "cleared": committed - len(writers.lost()),
+        "wrongly deleted": len(kept) + len(calm_pages) - sum(
+            p.exists() for p in kept + calm_pages),
+        "notes": "%d rolled back kept, %d manual flushes%s" % (
+            len(kept), len(flushes), ", %d clearers killed" % len(kills) if kills else "")}
+
+
+def postgres_bindir():
+    """Where initdb and pg_ctl are."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return os.path.dirname(os.path.realpath(found))
+    return sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+
+
+class Cluster:
+    """A private PostgreSQL cluster in a temporary directory, on a spare port."""
+
+    def __init__(self):
+        # Not below pytest's tmp_path: the postgres account could not reach it.
+        self.root = root = Path(tempfile.mkdtemp(prefix="lcc-cluster-"))
+        self.dir = root / "pgdata"
+        self.port = free_port()
+        self.bindir = postgres_bindir()
+        self.as_owner = []
+        if os.geteuid() == 0:   # PostgreSQL refuses to run as root
+            shutil.chown(root, "postgres")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self.pg("initdb", "-A", "trust", "-U", "postgres", "-D", str(self.dir), "--no-sync")
+        self.pg_ctl("start", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
+                    % (self.port, root))
+        self.admin = "host=127.0.0.1 port=%d user=postgres dbname=postgres" % self.port
+        sql(self.admin, "CREATE DATABASE lcc")
+        self.dsn = "host=127.0.0.1 port=%d user=postgres dbname=lcc" % self.port
+        load_schema(self.dsn)
+
+    def pg(self, program, *args):
+        # No pipes: the postmaster would inherit them and hold them open.
+        subprocess.run(self.as_owner + [os.path.join(self.bindir, program)] + list(args),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=120)
+
+    def pg_ctl(self, action, *args):
+        self.pg("pg_ctl", action, "-w", "-D", str(self.dir), "-l",
+                str(self.root / "server.log"), *args)
+
+    def restart(self, mode):
+        self.pg_ctl("restart", "-m", mode)
+
+    def stop(self):
+        try:
+            self.pg_ctl("stop", "-m", "immediate")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    """A private PostgreSQL that the test may restart."""
+    c = Cluster()
+    yield c
+    c.stop()
+
+
+@reliability
+def test_server_restarts_lose_nothing(cluster, cache, daemon, figures):
+    names = ["www/p%d" % i for i in range(30)]
+    add_ports(cluster.dsn, *names)
+    d = daemon(cache, "--heartbeat", "1", dsn=cluster.dsn)
+    d.wait_log("listening")
+    d.wait_idle()
+    writers = Writers(cluster.dsn, cache)
+    restarts = []
+    threads = writers.start(*[(w, names, 300) for w in range(4)])
+    for mode in ("fast", "immediate", "fast"):
+        wait_for(lambda: sum(map(len, writers.committed.values())) > 100 * (len(restarts) + 1),
+                 timeout=60, what="writers to commit before a restart")
+        before = d.count("listening")
+        started = time.monotonic()
+        cluster.restart(mode)
+        d.wait_log("listening", before + 1, timeout=60)
+        restarts.append(time.monotonic() - started)
+    for t in threads:
+        t.join()
+    wait_for(lambda: drained(cluster.dsn, writers), timeout=120,
+             what="every committed change cleared after the restarts")
+    assert d.proc.poll() is None, "the daemon exited"
+    committed = sum(len(p) for p in writers.committed.values())
+    figures["server restarts (fast, immediate, fast) under load"] = {
+        "committed": committed, "cleared": committed - len(writers.lost()),
+        "wrongly deleted": 0, "restarts survived": len(restarts),
+        "reconnect s": "%.1f max" % max(restarts),
+        "notes": "%d commits failed during restarts" % writers.uncertain}
+
+
+@reliability
+def test_daemon_killed_and_restarted(db, cache, daemon, figures):
+    names = ["www/p%d" % i for i in range(20)]
+    add_ports(db, *names)
+    d = daemon(cache)
+    d.wait_log("listening")
+    d.wait_idle()
+    d.proc.kill()
+    d.proc.wait()
+    pages = [make_page(cache, n) for n in names]
+    for name in names:
+        touch_port(db, name)
+    started = time.monotonic()
+    again = daemon(cache)
+    wait_for(lambda: not any(p.exists() for p in pages), what="changes made while it was down")
+    took = time.monotonic() - started
+    assert queued(db) == []
+    again.wait_log("listening")
+    figures["daemon SIGKILLed, changes while down"] = {
+        "committed": len(names), "cleared": sum(not p.exists() for p in pages),
+        "wrongly deleted": 0, "restarts survived": 1, "reconnect s": "%.2f" % took}
+
+
+def assert_recovers(db, cache, d, proxy, names, what):
+    """Commit a change to each port; all must be cleared.  Returns seconds taken."""
+    pages = [make_page(cache, n) for n in names]
+    started = time.monotonic()
+    for name in names:
+        touch_port(db, name)
+    wait_for(lambda: not any(p.exists() for p in pages), timeout=60, what=what)
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+    assert d.proc.poll() is None
+    return time.monotonic() - started
+
+
+@reliability
+@pytest.mark.parametrize("directions", [("up", "down"), ("down",)],
+                         ids=["both-ways", "server-to-client"])
+def test_frozen_network_is_replaced(db, cache, daemon, proxy, figures, directions):
+    names = ["www/p%d" % i for i in range(5)]
+    add_ports(db, *names)
+    d = daemon(cache, "--heartbeat", "1", dsn=tcp_dsn(db, proxy.port))
+    d.wait_log("listening")
+    d.wait_idle()
+    proxy.freeze(directions)
+    took = assert_recovers(db, cache, d, proxy, names, "recovery from a frozen connection")
+    assert "no answer from the server" in d.log()
+    figures["network frozen, " + " and ".join(
+        {"up": "client-to-server", "down": "server-to-client"}[x] for x in directions)] = {
+        "committed": len(names), "cleared": len(names), "wrongly deleted": 0,
+        "reconnect s": "%.1f" % took, "notes": "heartbeat 1 s"}
+
+
+@reliability
+def test_network_that_stalls_new_connections_too(db, cache, daemon, proxy, figures):
+    names = ["www/p%d" % i for i in range(5)]
+    add_ports(db, *names)
+    d = daemon(cache, "--heartbeat", "1", dsn=tcp_dsn(db, proxy.port))
+    d.wait_log("listening")
+    d.wait_idle()
+    proxy.stall_new = True
+    proxy.freeze()
+    d.wait_log("cannot listen: no answer", 2, timeout=30)     # connecting never hangs
+    proxy.stall_new = False
+    took = assert_recovers(db, cache, d, proxy, names, "recovery once the network is back")
+    figures["network stalled, new connections too, then back"] = {
+        "committed": len(names), "cleared": len(names), "wrongly deleted": 0,
+        "reconnect s": "%.1f" % took, "notes": "connect attempts time out, then succeed"}
+
+
+@reliability
+def test_slow_network_keeps_working(db, cache, daemon, proxy, figures):
+    names = ["www/p%d" % i for i in range(5)]
+    add_ports(db, *names)
+    proxy.delay = 0.2
+    d = daemon(cache, "--heartbeat", "3", dsn=tcp_dsn(db, proxy.port))
+    d.wait_log("listening", timeout=30)
+    d.wait_idle()
+    took = assert_recovers(db, cache, d, proxy, names, "changes over a slow network")
+    assert "connection lost" not in d.log()
+    figures["network with 200 ms latency"] = {
+        "committed": len(names), "cleared": len(names), "wrongly deleted": 0,
+        "notes": "no reconnect; cleared in %.1f s" % took}
+
+
+NAME_PARTS = st.sampled_from(["", ".", "..", "/", "//", "../..", "*", "?", "[a]", "www",
+                              "a", "\n", "~", "$HOME", "-v", "\\", "é", "x" * 255,
+                              "x" * 256])
+NO_NUL = st.characters(blacklist_characters="\x00")    # neither text nor argv holds one
+HOSTILE_NAMES = st.one_of(st.text(NO_NUL, max_size=300),
+                          st.lists(NAME_PARTS, max_size=4).map("".join),
+                          st.builds(lambda p: "/" + p, st.text(NO_NUL, max_size=20)))
+
+
+@reliability
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(HOSTILE_NAMES, HOSTILE_NAMES), min_size=1, max_size=6),
+       explicit=st.booleans())
+def test_hostile_names_property(database, pairs, explicit):
+    sql(database, "TRUNCATE ports_cache_clearing")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache = root / "cache"
+        for name in ("www/a", "a/www", "x/y"):
+            make_page(cache, name)
+        (root / "outside").mkdir()
+        (root / "outside" / "victim").write_text("keep")
+        (cache / "www" / "evil").symlink_to(root / "outside")
+        before = tree(root)
+        if explicit:
+            result = clear(*["%s/%s" % p for p in pairs], dsn=database, cache=cache)
+        else:
+            for category, port in pairs:
+                sql(database, "INSERT INTO ports_cache_clearing (category, port)"
+                    " VALUES (%s, %s)", (category, port))
+            result = clear(dsn=database, cache=cache)
+        after = tree(root)
+    assert "Traceback" not in result.stderr
+    assert result.returncode in (0, 2) and result.stderr.strip(), result
+    allowed = {str(cache / c / p) for c, p in pairs if valid_name(c) and valid_name(p)}
+    for path in set(before) | set(after):
+        if before.get(path) != after.get(path):
+            assert os.path.dirname(path) in allowed, "changed: %r" % path
+    if not explicit:
+        assert queued(database) == []
+
+
+@reliability
+def test_hostile_filesystem(db, cache, outside, figures):
+    (cache / "cat").mkdir()
+    odd = {
+        "cat/symport": lambda p: p.symlink_to(outside / "p"),
+        "cat/fileport": lambda p: p.write_text("a port that is a file"),
+        "catlink/p": lambda p: p.parent.symlink_to(outside),
+        "catfile/p": lambda p: p.parent.write_text("a category that is a file"),
+    }
+    for name, make in odd.items():
+        make(cache / name)
+    page = make_page(cache, "cat/ok")
+    (page.parent / "subdir").mkdir()
+    (page.parent / "subdir" / "kept.html").write_text("a page inside a directory")
+    (page.parent / "link.html").symlink_to(outside / "victim")
+    names = list(odd) + ["cat/ok"]
+    for name in names:
+        sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES (%s, %s)",
+            tuple(name.split("/")))
+    # The administrator's symlink to the cache directory is followed.
+    admin_link = cache.parent / "cache-link"
+    admin_link.symlink_to(cache)
+    result = clear(dsn=db, cache=admin_link)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not page.exists() and not os.path.lexists(page.parent / "link.html")
+    assert (page.parent / "subdir" / "kept.html").exists()
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == len(odd) + 1, result.stderr     # each oddity, one line
+    for expected in ("cat/symport: is a symlink", "cat/fileport: is not a directory",
+                     "catlink: is a symlink", "catfile: is not a directory",
+                     "cat/ok/subdir: is a directory"):
+        assert expected in result.stderr, result.stderr
+    assert queued(db) == []
+    figures["hostile filesystem (symlinks, files for directories)"] = {
+        "committed": len(names), "cleared": len(names), "wrongly deleted": 0,
+        "notes": "%d oddities, one warning line each" % len(warnings)}
+
+
+@reliability
+def test_bad_configuration_leaves_the_queue(db, cache, tmp_path, figures):
+    add_ports(db, "www/a")
+    cache_file = tmp_path / "a-file"
+    cache_file.write_text("not a directory")
+    cases = {
+        "unparsable DSN": (dict(dsn="host='unterminated"), 2),
+        "no such database": (dict(dsn=psycopg2.extensions.make_dsn(db, dbname="nope")), 1),
+        "no such role": (dict(dsn=psycopg2.extensions.make_dsn(db, user="no_such_role")), 1),
+        "cache directory is a file": (dict(dsn=db, cache=cache_file), 2),
+    }
+    for what, (kwargs, code) in cases.items():
+        kwargs.setdefault("cache", cache)
+        result = clear(**kwargs)
+        assert_one_line_error(result, code)
+        assert queued(db) == [("www", "a")], what
+    name = "lcc_noschema_%d" % os.getpid()
+    sql(db, "CREATE DATABASE %s" % name)
+    try:
+        assert_one_line_error(clear(dsn=psycopg2.extensions.make_dsn(db, dbname=name),
+                                    cache=cache), 1)
+    finally:
+        drop_database(db, name)
+    figures["bad configuration (5 kinds)"] = {
+        "committed": 1, "cleared": 0, "wrongly deleted": 0,
+        "notes": "one line each, queue untouched"}
+
+
+@reliability
+def test_daemon_retries_database_errors_without_spinning(db, cache, daemon):
+    bad = psycopg2.extensions.make_dsn(db, dbname="no_such_db")
+    d = daemon(cache, dsn=bad)
+    d.wait_log("cannot listen", 4, timeout=30)
+    lines = d.log().strip().splitlines()
+    assert all("cannot listen" in line for line in lines), lines
+    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", d.log())]
+    assert delays == sorted(delays) and delays[-1] >= 2, delays
+    assert d.proc.poll() is None
+
+
+if __name__ == "__main__":
+    print_reliability_table()
