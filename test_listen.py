@@ -7,6 +7,7 @@ and drops it at the end.  Without a reachable PostgreSQL it fails; it never
 skips.  Every wait is a poll with a deadline.
 """
 
+import configparser
 import glob
 import json
 import os
@@ -1418,8 +1419,7 @@ def test_bad_configuration_leaves_the_queue(db, cache, tmp_path, figures):
     finally:
         drop_database(db, name)
     figures["bad configuration (5 kinds)"] = {
-        "committed": 1, "cleared": 0, "wrongly deleted": 0,
-        "notes": "one line each, queue untouched"}
+        "wrongly deleted": 0, "notes": "one line and its exit code each, queue untouched"}
 
 
 @reliability
@@ -1432,6 +1432,175 @@ def test_daemon_retries_database_errors_without_spinning(db, cache, daemon):
     delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", d.log())]
     assert delays == sorted(delays) and delays[-1] >= 2, delays
     assert d.proc.poll() is None
+
+
+
+# ------------------------------------------------- deployment recipes (contrib/)
+
+CONTRIB = HERE / "contrib"
+
+
+def svstat(service):
+    """svstat's one-line report on a service directory."""
+    return subprocess.run(["svstat", str(service)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def up_pid(service):
+    """The pid svstat reports for a service that is up, else None."""
+    found = re.search(r": up \(pid (\d+)\)", svstat(service))
+    return int(found.group(1)) if found else None
+
+
+def clearers_of(cache):
+    """Live clear_cache.py processes working on this cache directory."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path("/proc/%s/cmdline" % pid).read_bytes()
+            environ = Path("/proc/%s/environ" % pid).read_bytes()
+        except (FileNotFoundError, PermissionError, NotADirectoryError, ProcessLookupError):
+            continue
+        if CLEAR.encode() in cmdline and ("CLEAR_CACHE_DIR=%s" % cache).encode() in environ:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture
+def service(tmp_path, db, cache):
+    """contrib's daemontools service under real supervise processes, log service piped."""
+    if shutil.which("supervise") is None:
+        pytest.fail("daemontools is missing: apt-get install daemontools", pytrace=False)
+    svc = tmp_path / "listen-clear-cache"
+    shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
+    (svc / "env" / "CLEAR_CACHE_DSN").write_text(db + "\n")
+    (svc / "env" / "CLEAR_CACHE_DIR").write_text(str(cache) + "\n")
+    (svc / "env" / "LCC_HOME").write_text(str(HERE) + "\n")
+    (svc / "env" / "LCC_ACCOUNT").write_text("")       # empty: no setuidgid
+    reader, writer = os.pipe()      # as svscan connects a service to its log
+    env = {"PATH": os.environ["PATH"]}
+    log = subprocess.Popen(["supervise", str(svc / "log")], stdin=reader, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main = subprocess.Popen(["supervise", str(svc)], stdout=writer, stderr=writer, env=env)
+    os.close(reader)
+    os.close(writer)
+    yield svc
+    for s in (svc, svc / "log"):
+        subprocess.run(["svc", "-dx", str(s)], check=False)
+    for proc in (main, log):
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_daemontools_service_end_to_end(db, cache, service):
+    add_ports(db, "www/a")
+    current = service / "log" / "main" / "current"
+    wait_for(lambda: up_pid(service), what="svstat to report the service up")
+    wait_for(lambda: current.exists() and "listening" in current.read_text(),
+             what="the daemon's first lines in log/main/current")
+    wait_for(lambda: queued(db) == [], what="the catch-up run")
+
+    page = make_page(cache, "www/a")                    # a committed change clears it
+    touch_port(db, "www/a")
+    wait_for(lambda: not page.exists(), what="the change to be cleared")
+
+    page = make_page(cache, "www/b")                    # svc -h flushes without NOTIFY
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'b')")
+    subprocess.run(["svc", "-h", str(service)], check=True)
+    wait_for(lambda: not page.exists(), what="svc -h to flush")
+
+    first = up_pid(service)                             # kill -9: supervise restarts it
+    os.kill(first, signal.SIGKILL)
+    page = make_page(cache, "www/a", "while-down.html")
+    touch_port(db, "www/a", "3")
+    wait_for(lambda: up_pid(service) not in (None, first), what="supervise to restart it")
+    wait_for(lambda: not page.exists(), what="the change made while it was down")
+
+    subprocess.run(["svc", "-d", str(service)], check=True)     # svc -d stops it
+    wait_for(lambda: ": down " in svstat(service), what="svstat to report it down")
+    wait_for(lambda: current.read_text().count("stopped") == 1,
+             what="the daemon's clean exit (status 0) in the log")
+    assert clearers_of(cache) == [], "a clearer was left behind"
+
+    lines = current.read_text().splitlines()
+    assert lines and all(re.match(r"@[0-9a-f]{24} \S", line) for line in lines), lines
+    ours = [line for line in lines if "listen_clear_cache: " in line]
+    assert ours, lines
+    for line in lines:      # multilog's stamp, and no second one of the daemon's
+        assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line), line
+
+
+def cron_command():
+    """The command of contrib's @reboot line."""
+    lines = [line for line in (CONTRIB / "cron" / "listen-clear-cache").read_text()
+             .splitlines() if line.startswith("@reboot")]
+    assert len(lines) == 1
+    return lines[0][len("@reboot"):].strip()
+
+
+def test_cron_line_runs_in_crons_bare_environment(db, cache, tmp_path):
+    command = cron_command()
+    assert "%" not in command, "cron turns % into a newline"
+    log = tmp_path / "cron.log"
+    for example, real in (("/usr/local/listen_clear_cache", str(HERE)),
+                          ("dbname=freshports user=freshports host=/var/run/postgresql",
+                           db.replace("'", "")),
+                          ("/var/db/freshports/cache", str(cache)),
+                          ("/var/log/freshports/listen_clear_cache.log", str(log))):
+        assert example in command
+        command = command.replace(example, real)
+    add_ports(db, "www/a")
+    proc = subprocess.Popen(["env", "-i", "PATH=/usr/bin:/bin", "sh", "-c", command], cwd="/")
+    try:
+        wait_for(lambda: log.exists() and "listening" in log.read_text(),
+                 what="the daemon started from the cron line")
+        page = make_page(cache, "www/a")
+        touch_port(db, "www/a")
+        wait_for(lambda: not page.exists(), what="a change cleared by the cron-started daemon")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+
+
+def test_systemd_unit_settings():
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str      # systemd keys are case-sensitive
+    unit.read(CONTRIB / "systemd" / "listen-clear-cache.service")
+    service = unit["Service"]
+    assert service["Type"] == "simple"
+    assert service["Restart"] == "always"
+    assert 0 < float(service["RestartSec"]) <= 5
+    assert service["EnvironmentFile"].startswith("/")
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["ProtectSystem"] == "strict"
+    assert service["ReadWritePaths"] == "/var/db/freshports/cache"
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["PrivateTmp"] == "yes"
+    assert service["ExecStart"].split()[1].endswith("/listen_clear_cache.py")
+    assert "Install" in unit and unit["Install"]["WantedBy"]
+    env = (CONTRIB / "systemd" / "listen-clear-cache.env").read_text()
+    assert re.search(r"^CLEAR_CACHE_DSN=", env, re.M)
+    assert re.search(r"^CLEAR_CACHE_DIR=/var/db/freshports/cache$", env, re.M)
+    if shutil.which("systemd-analyze"):
+        result = subprocess.run(["systemd-analyze", "verify", str(
+            CONTRIB / "systemd" / "listen-clear-cache.service")], capture_output=True,
+            text=True)
+        assert "Unknown key" not in result.stderr and "Invalid" not in result.stderr, \
+            result.stderr
+
+
+def test_daemontools_files_are_complete():
+    svc = CONTRIB / "daemontools" / "listen-clear-cache"
+    run = (svc / "run").read_text()
+    assert os.access(svc / "run", os.X_OK) and os.access(svc / "log" / "run", os.X_OK)
+    assert run.index("exec 2>&1") < run.index("exec envdir ./env")
+    assert "setuidgid" in run
+    assert "exec multilog t" in (svc / "log" / "run").read_text()
+    for name in ("CLEAR_CACHE_DSN", "CLEAR_CACHE_DIR", "CLEAR_CACHE_TIMESTAMPS"):
+        assert (svc / "env" / name).read_text().strip()
 
 
 if __name__ == "__main__":
