@@ -92,8 +92,7 @@ def measure_latency(db, work):
         " FROM generate_series(0, %s) AS i", (LATENCY_CHANGES - 1,))
     daemon = Daemon(work, db, cache)
     try:
-        daemon.wait_log("listening")
-        daemon.wait_idle()
+        daemon.wait_ready()
         conn = psycopg2.connect(db)
         latencies, floors = [], []
         for name in names:
@@ -136,8 +135,7 @@ def measure_burst(db, work):
     pages = [make_page(cache, name) for name in names]
     daemon = Daemon(work, db, cache)
     try:
-        daemon.wait_log("listening")
-        daemon.wait_idle()
+        daemon.wait_ready()
         wait_for(lambda: not any(p.exists() for p in pages), what="the catch-up run")
         pages = [make_page(cache, name) for name in names]
         runs_before, cpu_before = daemon.runs(), cpu_seconds(daemon.proc.pid)

@@ -180,6 +180,11 @@ class Daemon:
         wait_for(lambda: self.count(pattern) >= count, timeout,
                  "%d x %r in the daemon log:\n%s" % (count, pattern, self.log()))
 
+    def wait_ready(self, timeout=15.0):
+        """Wait until it listens and its catch-up run has ended."""
+        self.wait_log("listening", timeout=timeout)
+        self.wait_idle()
+
     def runs(self):
         """Clearer runs started so far."""
         return self.count(r"clearer pid \d+ started")
@@ -788,8 +793,7 @@ def test_daemon_config_errors_exit_2_before_connecting(tmp_path, cache):
 def test_daemon_reconnects_after_pg_terminate_backend(db, cache, daemon):
     add_ports(db, "www/a")
     d = daemon(cache, "--heartbeat", "60")
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     page = make_page(cache, "www/a")
     pids = wait_for(lambda: backends(db, "listen_clear_cache.py"), what="the backend")
     sql(db, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
@@ -821,8 +825,7 @@ def test_daemon_recovers_from_a_frozen_connection(db, cache, daemon, proxy):
     heartbeat = 1.0
     add_ports(db, "www/a")
     d = daemon(cache, "--heartbeat", str(heartbeat), dsn=tcp_dsn(db, proxy.port))
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     page = make_page(cache, "www/a")
     proxy.freeze()
     frozen_at = time.monotonic()
@@ -837,8 +840,7 @@ def test_daemon_recovers_from_a_frozen_connection(db, cache, daemon, proxy):
 
 def test_daemon_sighup_flushes_rows_without_notify(db, cache, daemon):
     d = daemon(cache, "--heartbeat", "600")
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     page = make_page(cache, "www/a")
     sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'a')")
     d.signal(signal.SIGHUP)
@@ -849,8 +851,7 @@ def test_daemon_sighup_flushes_rows_without_notify(db, cache, daemon):
 
 def test_daemon_heartbeat_sweeps_unannounced_rows(db, cache, daemon):
     d = daemon(cache, "--heartbeat", "0.5")
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     page = make_page(cache, "www/a")
     sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'a')")
     wait_for(lambda: not page.exists(), what="the heartbeat's sweep")
@@ -904,8 +905,7 @@ def test_notifications_during_a_run_lead_to_exactly_one_more(db, cache, daemon):
     names = ["www/p%d" % i for i in range(20)]
     add_ports(db, "www/blocker", *names)
     d = daemon(cache, "--heartbeat", "600")
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     blocker = psycopg2.connect(db)
     touch_port(db, "www/blocker")
     blocker.cursor().execute("SELECT * FROM ports_cache_clearing FOR UPDATE")
@@ -929,8 +929,7 @@ def test_notifications_during_a_run_lead_to_exactly_one_more(db, cache, daemon):
 def test_daemon_retries_while_the_cache_directory_is_missing(db, cache, daemon):
     add_ports(db, "www/a")
     d = daemon(cache, "--heartbeat", "600")
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     aside = cache.parent / "aside"
     cache.rename(aside)
     touch_port(db, "www/a")
@@ -948,8 +947,7 @@ def test_burst_is_cleared_with_far_fewer_runs(db, cache, daemon):
     names = ["www/p%d" % i for i in range(50)]
     add_ports(db, *names)
     d = daemon(cache, "--heartbeat", "600")
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     runs_before = d.runs()
     commits = 4 * 250
     errors = []
@@ -1102,8 +1100,7 @@ def test_no_lost_invalidation_under_load(db, cache, daemon, figures, kill_cleare
     untouched = ["calm/p%d" % i for i in range(10)]
     add_ports(db, *committed_ports, *rollback_ports, *untouched)
     d = daemon(cache)
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     calm_pages = [make_page(cache, name) for name in untouched]
     writers = Writers(db, cache)
     stop = threading.Event()
@@ -1202,8 +1199,7 @@ def test_server_restarts_lose_nothing(cluster, cache, daemon, figures):
     names = ["www/p%d" % i for i in range(30)]
     add_ports(cluster.dsn, *names)
     d = daemon(cache, "--heartbeat", "1", dsn=cluster.dsn)
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     writers = Writers(cluster.dsn, cache)
     restarts = []
     threads = writers.start(*[(w, names, 300) for w in range(4)])
@@ -1233,8 +1229,7 @@ def test_daemon_killed_and_restarted(db, cache, daemon, figures):
     names = ["www/p%d" % i for i in range(20)]
     add_ports(db, *names)
     d = daemon(cache)
-    d.wait_log("listening")
-    d.wait_idle()
+    d.wait_ready()
     d.proc.kill()
     d.proc.wait()
     pages = [make_page(cache, n) for n in names]
@@ -1251,7 +1246,16 @@ def test_daemon_killed_and_restarted(db, cache, daemon, figures):
         "wrongly deleted": 0, "restarts survived": 1, "reconnect s": "%.2f" % took}
 
 
-def assert_recovers(db, cache, d, proxy, names, what):
+def listening_through(proxy, db, cache, daemon, heartbeat):
+    """Five ports, and a daemon reaching the server through proxy, idle after catching up."""
+    names = ["www/p%d" % i for i in range(5)]
+    add_ports(db, *names)
+    d = daemon(cache, "--heartbeat", str(heartbeat), dsn=tcp_dsn(db, proxy.port))
+    d.wait_ready(timeout=30)
+    return names, d
+
+
+def assert_recovers(db, cache, d, names, what):
     """Commit a change to each port; all must be cleared.  Returns seconds taken."""
     pages = [make_page(cache, n) for n in names]
     started = time.monotonic()
@@ -1267,13 +1271,9 @@ def assert_recovers(db, cache, d, proxy, names, what):
 @pytest.mark.parametrize("directions", [("up", "down"), ("down",)],
                          ids=["both-ways", "server-to-client"])
 def test_frozen_network_is_replaced(db, cache, daemon, proxy, figures, directions):
-    names = ["www/p%d" % i for i in range(5)]
-    add_ports(db, *names)
-    d = daemon(cache, "--heartbeat", "1", dsn=tcp_dsn(db, proxy.port))
-    d.wait_log("listening")
-    d.wait_idle()
+    names, d = listening_through(proxy, db, cache, daemon, heartbeat=1)
     proxy.freeze(directions)
-    took = assert_recovers(db, cache, d, proxy, names, "recovery from a frozen connection")
+    took = assert_recovers(db, cache, d, names, "recovery from a frozen connection")
     assert "no answer from the server" in d.log()
     figures["network frozen, " + " and ".join(
         {"up": "client-to-server", "down": "server-to-client"}[x] for x in directions)] = {
@@ -1283,16 +1283,12 @@ def test_frozen_network_is_replaced(db, cache, daemon, proxy, figures, direction
 
 @reliability
 def test_network_that_stalls_new_connections_too(db, cache, daemon, proxy, figures):
-    names = ["www/p%d" % i for i in range(5)]
-    add_ports(db, *names)
-    d = daemon(cache, "--heartbeat", "1", dsn=tcp_dsn(db, proxy.port))
-    d.wait_log("listening")
-    d.wait_idle()
+    names, d = listening_through(proxy, db, cache, daemon, heartbeat=1)
     proxy.stall_new = True
     proxy.freeze()
     d.wait_log("cannot listen: no answer", 2, timeout=30)     # connecting never hangs
     proxy.stall_new = False
-    took = assert_recovers(db, cache, d, proxy, names, "recovery once the network is back")
+    took = assert_recovers(db, cache, d, names, "recovery once the network is back")
     figures["network stalled, new connections too, then back"] = {
         "committed": len(names), "cleared": len(names), "wrongly deleted": 0,
         "reconnect s": "%.1f" % took, "notes": "connect attempts time out, then succeed"}
@@ -1300,13 +1296,9 @@ def test_network_that_stalls_new_connections_too(db, cache, daemon, proxy, figur
 
 @reliability
 def test_slow_network_keeps_working(db, cache, daemon, proxy, figures):
-    names = ["www/p%d" % i for i in range(5)]
-    add_ports(db, *names)
     proxy.delay = 0.2
-    d = daemon(cache, "--heartbeat", "3", dsn=tcp_dsn(db, proxy.port))
-    d.wait_log("listening", timeout=30)
-    d.wait_idle()
-    took = assert_recovers(db, cache, d, proxy, names, "changes over a slow network")
+    names, d = listening_through(proxy, db, cache, daemon, heartbeat=3)
+    took = assert_recovers(db, cache, d, names, "changes over a slow network")
     assert "connection lost" not in d.log()
     figures["network with 200 ms latency"] = {
         "committed": len(names), "cleared": len(names), "wrongly deleted": 0,
