@@ -720,6 +720,28 @@ def test_serialization_failure_retries_the_transaction(db, cache):
     assert queued(db) == []
 
 
+def test_files_go_before_commit_and_a_crash_keeps_the_rows(db, cache):
+    """Killed between the unlinks and COMMIT, a clearer leaves its rows for the next run."""
+    add_ports(db, "www/a")
+    page = make_page(cache, "www/a")
+    blocker = psycopg2.connect(db)      # holds the row: the clearer cannot commit its DELETE
+    blocker.cursor().execute("SELECT * FROM ports_cache_clearing FOR UPDATE")
+    proc = subprocess.Popen([sys.executable, CLEAR, "--dsn", db, "--cache-dir", str(cache)],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: not page.exists() and waiting_on_lock(db, "clear_cache.py"),
+                 what="the page gone while the clearer waits to delete its rows")
+        proc.kill()
+        proc.wait()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert queued(db) == [("www", "a")]
+    page = make_page(cache, "www/a")
+    assert clear(dsn=db, cache=cache).returncode == 0
+    assert not page.exists() and queued(db) == []
+
+
 def test_concurrent_clearers_both_succeed(db, cache):
     names = ["www/p%d" % i for i in range(40)]
     add_ports(db, *names)
