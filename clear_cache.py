@@ -315,8 +315,8 @@ class Clearer:
         self.cache_fd = cache_fd
         self.cache_dir = cache_dir
         self.dry_run = dry_run
-        self.ports = 0
-        self.files = 0
+        self.ports = 0          # cleared by the latest attempt
+        self.files = 0          # removed, over all attempts
         self.categories = {}    # name -> fd, or what open_dir said instead
 
     def clear_ports(self, ports):
@@ -328,7 +328,8 @@ class Clearer:
                 if not isinstance(fd, bool):
                     os.close(fd)
             self.categories.clear()
-        self.ports += len(ports) - len(failed)
+        # One call is one whole attempt: a retried transaction counts its ports once.
+        self.ports = len(ports) - len(failed)
         return failed
 
     def clear_port(self, category, port):
