@@ -196,10 +196,15 @@ def valid_name(name):
         return False
 
 
+def valid_port(category, port):
+    """Can (category, port) name a directory of the cache?"""
+    return valid_name(category) and valid_name(port)
+
+
 def parse_port_argument(arg):
     """Split a CATEGORY/PORT argument, refusing anything but two plain names."""
     category, _, port = arg.partition("/")
-    if not (valid_name(category) and valid_name(port)):
+    if not valid_port(category, port):
         raise ConfigError("not a CATEGORY/PORT: %r" % arg)
     return category, port
 
@@ -219,8 +224,8 @@ def one_line(error):
 
 def connect(dsn, **params):
     """Connect with keepalives, so that a dead peer is noticed while idle."""
-    params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
-                       keepalives_count=3, connect_timeout=10), **params)
+    params = dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                  keepalives_count=3, connect_timeout=10) | params
     # The DSN or PGAPPNAME may name the application; else the script does.
     return psycopg2.connect(dsn, fallback_application_name=os.path.basename(sys.argv[0]),
                             **params)
@@ -249,7 +254,7 @@ def clear_snapshot(cur, clearer):
     # Deduplicate in the database: a backlog can hold a million rows.
     cur.execute("SELECT DISTINCT category, port FROM ports_cache_clearing")
     ports = dict.fromkeys(cur.fetchall())
-    invalid = [p for p in ports if not (valid_name(p[0]) and valid_name(p[1]))]
+    invalid = [p for p in ports if not valid_port(*p)]
     if invalid:
         # They can never name a cache entry, so they go with the batch.
         cur.execute("SELECT min(id), count(*), category, port FROM ports_cache_clearing q"

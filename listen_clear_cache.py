@@ -38,7 +38,8 @@ CONNECT_BACKOFF = 0.5, 30.0
 RUN_BACKOFF = 0.5, 60.0
 RUN_LIMIT = 10          # heartbeats a clearer may take before it is killed
 CHECK_QUERY = "SELECT EXISTS (SELECT FROM ports_cache_clearing)"
-VERBOSITY_FLAGS = {clear_cache.WARNING: ["-q"], clear_cache.INFO: [], clear_cache.DEBUG: ["-v"]}
+VERBOSITY_FLAGS = {clear_cache.WARNING: ["-q"], clear_cache.INFO: [],
+                   clear_cache.DEBUG: ["-v"]}
 
 log = clear_cache.Logger("listen_clear_cache")
 
