@@ -1,19 +1,23 @@
 """Delete the cached pages of the ports queued in ports_cache_clearing.
 
-One SERIALIZABLE transaction: read the distinct queued (category, port)
-pairs, delete every non-directory entry of <cache-dir>/<category>/<port>/,
-delete the queue rows the transaction saw, commit.  Rows queued meanwhile
-are not in the snapshot and stay for the next run.
+One SERIALIZABLE transaction: read the distinct (category, port) pairs of
+the rows that are due, delete the pages their templates name, delete the due
+rows the transaction saw, queue one re-clear per changed port, commit.  Rows
+queued meanwhile are not in the snapshot and stay for the next run.
 
-    clear_cache.py [--dsn DSN] [--cache-dir DIR] [--dry-run] [-q|-v] [CATEGORY/PORT ...]
+    clear_cache.py [--dsn DSN] [--cache-dir DIR] [--pages TEMPLATE ...]
+                   [--again-after SECONDS] [--dry-run] [-q|-v] [CATEGORY/PORT ...]
 
-With CATEGORY/PORT arguments it clears just those ports and leaves the
-queue alone.  Exit status: 0 all handled, 1 database error or a port left
-queued, 2 usage or configuration error.
+A page template is a path under the cache directory, such as
+{category}/{port}/* (the default) or categories/{category}/*; only its last
+component may hold glob characters.  With CATEGORY/PORT arguments it clears
+just those ports and leaves the queue alone.  Exit status: 0 all handled,
+1 database error or a port left queued, 2 usage or configuration error.
 """
 
 import argparse
 import errno
+import fnmatch
 import os
 import re
 import stat
@@ -31,9 +35,15 @@ RETRYABLE = {psycopg2.errorcodes.SERIALIZATION_FAILURE,
              psycopg2.errorcodes.DEADLOCK_DETECTED}
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
+DEFAULT_PAGES = ["{category}/{port}/*"]
+DEFAULT_AGAIN_AFTER = 5.0
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+PLACEHOLDERS = ("category", "port")
+GLOB = re.compile(r"[*?[]")
 # A queue row q whose (category, port) is among two parallel arrays.
 MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
                  " WHERE f.c = q.category AND f.p = q.port)")
+DUE = "due_at <= now()"     # now() is the transaction's start: the snapshot's time
 UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")    # a slash, or a control character
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
@@ -91,19 +101,19 @@ def main(argv=None):
     setup_logging(args.verbosity)
     started = time.monotonic()
     try:
-        dsn, cache_dir = load_config(args)
-        ports = [parse_port_argument(arg) for arg in args.ports]
-        cache_fd = open_cache_dir(cache_dir)
+        config = load_config(args)
+        ports = [parse_port_argument(arg, config.templates) for arg in args.ports]
+        cache_fd = open_cache_dir(config.cache_dir)
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    clearer = Clearer(cache_fd, cache_dir, args.dry_run)
+    clearer = Clearer(cache_fd, config.cache_dir, config.templates, args.dry_run)
     if ports:
         failed = clearer.clear_ports(dict.fromkeys(ports))
         rows = 0
     else:
         try:
-            rows, failed = flush_queue(dsn, clearer)
+            rows, failed = flush_queue(config.dsn, clearer, config.again_after)
         except psycopg2.Error as e:
             log.error("database error: %s", db_error(e))
             return 1
@@ -116,6 +126,22 @@ def main(argv=None):
 
 class ConfigError(Exception):
     """A usage or configuration error: exit 2, touch nothing."""
+
+
+class Config:
+    """What both scripts are told: by option, else by environment, else by default."""
+
+    def __init__(self, dsn, cache_dir, templates, again_after):
+        self.dsn = dsn
+        self.cache_dir = cache_dir
+        self.templates = templates
+        self.again_after = again_after
+
+    def environ(self):
+        """The environment that hands this configuration to a clearer."""
+        return dict(os.environ, CLEAR_CACHE_DSN=self.dsn, CLEAR_CACHE_DIR=self.cache_dir,
+                    CLEAR_CACHE_PAGES=" ".join(t.text for t in self.templates),
+                    CLEAR_CACHE_AGAIN_AFTER=repr(self.again_after))
 
 
 class Parser(argparse.ArgumentParser):
@@ -136,12 +162,34 @@ def add_common_options(parser):
                         "(default: $CLEAR_CACHE_DSN, then libpq's PG* defaults)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="cache root (default: $CLEAR_CACHE_DIR)")
+    parser.add_argument("--pages", metavar="TEMPLATE", action="append",
+                        help="pages to clear for a port, under the cache directory;"
+                        " repeatable (default: $CLEAR_CACHE_PAGES, whitespace-separated,"
+                        " then %s)" % DEFAULT_PAGES[0].replace("%", "%%"))
+    parser.add_argument("--again-after", metavar="SECONDS", type=seconds(0),
+                        help="clear a changed port's pages again this much later, for"
+                        " renders that raced the clear; 0: never (default:"
+                        " $CLEAR_CACHE_AGAIN_AFTER, then %g)" % DEFAULT_AGAIN_AFTER)
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
                       const=WARNING, default=INFO,
                       help="print only warnings and errors")
     loud.add_argument("-v", "--verbose", dest="verbosity", action="store_const",
                       const=DEBUG, help="list each port")
+
+
+def seconds(low, strict=False):
+    """An argparse type: a number of seconds above low (or at least low)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (low < value if strict else low <= value) or not value < 1e6:
+            raise argparse.ArgumentTypeError("expected a number of seconds %s %g, got %r"
+                                             % (">" if strict else ">=", low, text))
+        return value
+    return parse
 
 
 def setup_logging(level):
@@ -151,7 +199,7 @@ def setup_logging(level):
 
 
 def load_config(args):
-    """Return (dsn, cache_dir) from the options, then the environment."""
+    """The Config from the options, then the environment, then the defaults."""
     dsn = args.dsn if args.dsn is not None else os.environ.get("CLEAR_CACHE_DSN", "")
     try:
         psycopg2.extensions.parse_dsn(dsn)
@@ -160,7 +208,16 @@ def load_config(args):
     cache_dir = args.cache_dir or os.environ.get("CLEAR_CACHE_DIR")
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or set CLEAR_CACHE_DIR")
-    return dsn, os.path.abspath(cache_dir)
+    pages = args.pages or os.environ.get("CLEAR_CACHE_PAGES", "").split() or DEFAULT_PAGES
+    again_after = args.again_after
+    if again_after is None:
+        try:
+            again_after = seconds(0)(os.environ.get("CLEAR_CACHE_AGAIN_AFTER")
+                                     or str(DEFAULT_AGAIN_AFTER))
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError("CLEAR_CACHE_AGAIN_AFTER: %s" % e) from None
+    return Config(dsn, os.path.abspath(cache_dir), [Template(t) for t in pages],
+                  again_after)
 
 
 def open_cache_dir(path):
@@ -201,18 +258,73 @@ def valid_port(category, port):
     return valid_name(category) and valid_name(port)
 
 
-def parse_port_argument(arg):
-    """Split a CATEGORY/PORT argument, refusing anything but two plain names."""
+def parse_port_argument(arg, templates):
+    """Split a CATEGORY/PORT argument, refusing anything the templates cannot use."""
     category, _, port = arg.partition("/")
-    if not valid_port(category, port):
-        raise ConfigError("not a CATEGORY/PORT: %r" % arg)
+    if not all(t.expand(category, port) for t in templates):
+        raise ConfigError("not a CATEGORY/PORT the page templates can use: %r" % arg)
     return category, port
+
+
+class Template:
+    """A page template, such as categories/{category}/*, checked at start-up.
+
+    {category} and {port} may stand anywhere; only the last component may
+    hold glob characters, and a value put into it matches only itself.
+    """
+
+    def __init__(self, text):
+        self.text = text
+        self.parts = text.split("/")
+        if not text or re.search(r"\s", text):
+            raise ConfigError("page template %r: empty or has white space" % text)
+        if text.startswith("/"):
+            raise ConfigError("page template %r: must be relative to the cache directory"
+                              % text)
+        for i, part in enumerate(self.parts):
+            literal = PLACEHOLDER.sub("", part)
+            unknown = set(PLACEHOLDER.findall(part)) - set(PLACEHOLDERS)
+            if part in ("", ".", ".."):
+                raise ConfigError("page template %r: empty, . or .. component" % text)
+            if unknown:
+                raise ConfigError("page template %r: unknown placeholder {%s}; there are"
+                                  " {category} and {port}" % (text, sorted(unknown)[0]))
+            if "{" in literal or "}" in literal:
+                raise ConfigError("page template %r: a brace outside {category} or {port}"
+                                  % text)
+            if GLOB.search(literal) and i < len(self.parts) - 1:
+                raise ConfigError("page template %r: glob characters before the last"
+                                  " component" % text)
+        self.glob = bool(GLOB.search(PLACEHOLDER.sub("", self.parts[-1])))
+
+    def expand(self, category, port):
+        """(directories, last component, its regular expression or "") or None if unusable."""
+        values = {"category": category, "port": port}
+        if not valid_port(category, port):
+            return None
+        parts = [PLACEHOLDER.sub(lambda m: values[m.group(1)], p) for p in self.parts]
+        if not all(map(valid_name, parts)):
+            return None     # too long, or a '..' made of a value and the template
+        pattern = ""
+        if self.glob:
+            # Values are escaped: a port named 'a*' never matches another's page.
+            pieces = PLACEHOLDER.split(self.parts[-1])
+            pattern = "".join(re.escape(values[p]) if i % 2 else translate_glob(p)
+                              for i, p in enumerate(pieces))
+        return tuple(parts[:-1]), parts[-1], pattern
+
+
+def translate_glob(pattern):
+    """fnmatch's regular expression for pattern, without its anchors."""
+    regex = fnmatch.translate(pattern)
+    assert regex.startswith("(?s:") and regex.endswith(r")\Z"), regex
+    return regex[4:-3]
 
 
 def db_error(e):
     """Describe a psycopg2 error in one line, with a hint where one helps."""
     text = e.diag.message_primary or one_line(e)
-    if e.pgcode == psycopg2.errorcodes.UNDEFINED_TABLE:
+    if e.pgcode in (psycopg2.errorcodes.UNDEFINED_TABLE, psycopg2.errorcodes.UNDEFINED_COLUMN):
         text += " (is schema.sql loaded?)"
     return text
 
@@ -224,22 +336,22 @@ def one_line(error):
 
 def connect(dsn, **params):
     """Connect with keepalives, so that a dead peer is noticed while idle."""
-    params = dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
-                  keepalives_count=3, connect_timeout=10) | params
+    params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                       keepalives_count=3, connect_timeout=10), **params)
     # The DSN or PGAPPNAME may name the application; else the script does.
     return psycopg2.connect(dsn, fallback_application_name=os.path.basename(sys.argv[0]),
                             **params)
 
 
-def flush_queue(dsn, clearer):
-    """Clear every queued port in one transaction; return (rows deleted, failed ports)."""
+def flush_queue(dsn, clearer, again_after):
+    """Clear every due port in one transaction; return (rows deleted, failed ports)."""
     conn = connect(dsn)
     try:
         conn.set_session(isolation_level="SERIALIZABLE")
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with conn, conn.cursor() as cur:
-                    return clear_snapshot(cur, clearer)
+                    return clear_snapshot(cur, clearer, again_after)
             except psycopg2.Error as e:
                 if e.pgcode not in RETRYABLE or attempt == ATTEMPTS:
                     raise
@@ -249,23 +361,27 @@ def flush_queue(dsn, clearer):
         conn.close()
 
 
-def clear_snapshot(cur, clearer):
-    """Clear the ports in this transaction's snapshot and delete their rows."""
+def clear_snapshot(cur, clearer, again_after):
+    """Clear the ports due in this transaction's snapshot, delete their rows, queue re-clears."""
     # Deduplicate in the database: a backlog can hold a million rows.
-    cur.execute("SELECT DISTINCT category, port FROM ports_cache_clearing")
-    ports = dict.fromkeys(cur.fetchall())
-    invalid = [p for p in ports if not valid_port(*p)]
-    if invalid:
+    cur.execute("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
+                + DUE)
+    changed = {}    # (category, port) -> queued by a change, not only by a re-clear
+    for category, port, reclear in cur:
+        changed[category, port] = changed.get((category, port), False) or not reclear
+    unusable = [p for p in changed if not clearer.usable(*p)]
+    if unusable:
         # They can never name a cache entry, so they go with the batch.
         cur.execute("SELECT min(id), count(*), category, port FROM ports_cache_clearing q"
-                    " WHERE EXISTS " + MATCHING_PAIR + " GROUP BY category, port",
-                    pair_arrays(invalid))
+                    " WHERE " + DUE + " AND EXISTS " + MATCHING_PAIR +
+                    " GROUP BY category, port", pair_arrays(unusable))
         for row in cur:
-            log.warning("row %d (%d rows): invalid name %r/%r, deleted unused", *row)
-        for pair in invalid:
-            del ports[pair]
+            log.warning("row %d (%d rows): invalid name %r/%r, %s", *row,
+                        "would be deleted" if clearer.dry_run else "deleted unused")
+        for pair in unusable:
+            del changed[pair]
     if clearer.dry_run:
-        failed = clearer.clear_ports(ports)
+        failed = clearer.clear_ports(changed)
         cur.connection.rollback()
         return 0, failed
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
@@ -273,126 +389,164 @@ def clear_snapshot(cur, clearer):
     # committed before the files are gone, so the server may delete the rows
     # while we delete the files.
     cur.execute("SAVEPOINT snapshot_read")
-    deleted = in_thread(cur.connection, "DELETE FROM ports_cache_clearing")
+    deleting = InThread(cur.connection, "DELETE FROM ports_cache_clearing WHERE " + DUE)
     try:
-        failed = clearer.clear_ports(ports)
+        failed = clearer.clear_ports(changed)
     finally:
-        rows = deleted()
+        deleting.join()         # the connection is free again only then
+    rows = deleting.result()
     if failed:
         cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
-        cur.execute("DELETE FROM ports_cache_clearing q WHERE NOT EXISTS " + MATCHING_PAIR,
-                    pair_arrays(failed))
+        cur.execute("DELETE FROM ports_cache_clearing q WHERE " + DUE +
+                    " AND NOT EXISTS " + MATCHING_PAIR, pair_arrays(failed))
         rows = cur.rowcount
+    # A render that read the database before this change committed may write
+    # its page after we deleted it: clear once more, later.  Re-clears queue
+    # nothing, so they never chain; failed ports keep their rows instead.
+    again = [p for p, change in changed.items() if change and p not in failed]
+    if again_after and again:
+        cur.execute("INSERT INTO ports_cache_clearing (category, port, due_at, reclear)"
+                    " SELECT c, p, now() + %s * interval '1 second', true"
+                    " FROM unnest(%s::text[], %s::text[]) AS f(c, p)",
+                    [again_after] + pair_arrays(again))
     return rows, failed
 
 
 def pair_arrays(pairs):
     """Query parameters for MATCHING_PAIR: the categories, then the ports."""
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    return [[p[0] for p in pairs], [p[1] for p in pairs]]
 
 
-def in_thread(conn, query):
-    """Run query on conn in a thread; return a function that waits for its row count."""
-    result = {}
+class InThread(threading.Thread):
+    """A statement run on conn in a thread, while the caller works on."""
 
-    def run():
+    def __init__(self, conn, query):
+        super().__init__()
+        self.conn, self.query = conn, query
+        self.rows = self.error = None
+        self.start()
+
+    def run(self):
         try:
-            with conn.cursor() as cur:
-                cur.execute(query)
-                result["rows"] = cur.rowcount
-        except BaseException as e:      # handed to the caller
-            result["error"] = e
-    thread = threading.Thread(target=run)
-    thread.start()
+            with self.conn.cursor() as cur:
+                cur.execute(self.query)
+                self.rows = cur.rowcount
+        except BaseException as e:      # handed to the caller by result()
+            self.error = e
 
-    def wait():
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["rows"]
-    return wait
+    def result(self):
+        """The statement's row count, once joined; its error is raised here."""
+        if self.error is not None:
+            raise self.error
+        return self.rows
 
 
 class Clearer:
-    """Removes port directories' entries, never following a link inside the cache."""
+    """Removes the pages a port's templates name, never following a link inside the cache."""
 
-    def __init__(self, cache_fd, cache_dir, dry_run=False):
+    def __init__(self, cache_fd, cache_dir, templates, dry_run=False):
         self.cache_fd = cache_fd
         self.cache_dir = cache_dir
+        self.templates = templates
         self.dry_run = dry_run
         self.ports = 0          # cleared by the latest attempt
         self.files = 0          # removed, over all attempts
-        self.categories = {}    # name -> fd, or what open_dir said instead
+
+    def usable(self, category, port):
+        """Can every template name pages of this (category, port)?"""
+        return all(t.expand(category, port) for t in self.templates)
 
     def clear_ports(self, ports):
-        """Clear each (category, port); return the ones that could not be cleared."""
-        try:
-            failed = [p for p in ports if not self.clear_port(*p)]
-        finally:
-            for fd in self.categories.values():
-                if not isinstance(fd, bool):
-                    os.close(fd)
-            self.categories.clear()
+        """Clear each usable (category, port); return the ones that could not be cleared."""
+        targets = {}    # each distinct (directories, last, glob) once per run
+        for pair in ports:
+            for template in self.templates:
+                targets.setdefault(template.expand(*pair), []).append(pair)
+        failed = set()
+        for target in self.clear_targets(targets):
+            failed.update(targets[target])
         # One call is one whole attempt: a retried transaction counts its ports once.
         self.ports = len(ports) - len(failed)
-        return failed
+        return [p for p in ports if p in failed]
 
-    def clear_port(self, category, port):
-        """Remove the port's pages; False when one could not be removed."""
-        if category not in self.categories:
-            self.categories[category] = self.open_dir(self.cache_fd, category)
-        port_fd = self.categories[category]
-        if not isinstance(port_fd, bool):
-            port_fd = self.open_dir(port_fd, port, category)
-        if isinstance(port_fd, bool):
-            return port_fd
+    def clear_targets(self, targets):
+        """Clear each target; yield the ones that failed.
+
+        Sorted, targets that share directories come together: each directory
+        is opened once per run, and only those along one path are open.
+        """
+        opened = []     # (name, fd) along the current path; fd None: nothing, or broken
+        broken = set()  # directory paths that could not be opened
         try:
-            return self.remove_entries(port_fd, category, port)
+            for dirs, last, pattern in sorted(targets):
+                same = 0
+                while same < min(len(opened), len(dirs)) and opened[same][0] == dirs[same]:
+                    same += 1
+                while len(opened) > same:
+                    fd = opened.pop()[1]
+                    if fd is not None:
+                        os.close(fd)
+                for depth in range(len(opened), len(dirs)):
+                    parent = opened[-1][1] if opened else self.cache_fd
+                    fd = None if parent is None else self.open_dir(parent, dirs[:depth + 1],
+                                                                   broken)
+                    opened.append((dirs[depth], fd))
+                fd = opened[-1][1] if opened else self.cache_fd
+                if fd is None:
+                    ok = not any(dirs[:n] in broken for n in range(1, len(dirs) + 1))
+                else:
+                    ok = self.remove(fd, dirs, last, pattern)
+                if not ok:
+                    yield dirs, last, pattern
         finally:
-            os.close(port_fd)
+            for _, fd in opened:
+                if fd is not None:
+                    os.close(fd)
 
-    def open_dir(self, dir_fd, name, *parents):
-        """The fd of directory name, or True (nothing to clear) or False (failed)."""
+    def open_dir(self, parent_fd, dirs, broken):
+        """The fd of directory dirs, or None: nothing to clear there, or broken."""
         try:
-            return open_subdir(dir_fd, name)
+            return open_subdir(parent_fd, dirs[-1])
         except FileNotFoundError:
-            return True
+            pass
         except NotADirectoryError as e:
             # Not ours to follow; retrying would not change it.
-            log.warning("%s: %s, not entered", self.path(*parents, name), e.strerror)
-            return True
+            log.warning("%s: %s, not entered", self.path(*dirs), e.strerror)
         except OSError as e:
-            log.error("cannot open %s: %s", self.path(*parents, name), e.strerror)
-            return False
+            log.error("cannot open %s: %s", self.path(*dirs), e.strerror)
+            broken.add(dirs)
+        return None
 
-    def remove_entries(self, port_fd, category, port):
-        """Unlink every non-directory entry; a symlink goes as a link."""
+    def remove(self, dir_fd, dirs, last, pattern):
+        """Unlink the non-directory entries last names; False when one stays."""
+        if pattern:
+            match = re.compile(pattern, re.S).fullmatch
+            with os.scandir(dir_fd) as entries:
+                found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries
+                         if match(e.name)]
+        else:
+            found = [(last, False)]     # unlink says whether it is there, or a directory
         ok = True
         removed = 0
-        with os.scandir(port_fd) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    log.warning("%s: is a directory, left alone",
-                                self.path(category, port, entry.name))
-                    continue
+        for name, is_dir in found:
+            try:
+                if is_dir or self.dry_run and stat.S_ISDIR(
+                        os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    raise IsADirectoryError
                 if self.dry_run:
-                    print(self.path(category, port, entry.name))
-                    removed += 1
-                    continue
-                try:
-                    os.unlink(entry.name, dir_fd=port_fd)
-                    removed += 1
-                except FileNotFoundError:
-                    pass        # someone else removed it: that is the goal
-                except IsADirectoryError:
-                    log.warning("%s: is a directory, left alone",
-                                self.path(category, port, entry.name))
-                except OSError as e:
-                    log.error("cannot remove %s: %s", self.path(category, port, entry.name),
-                              e.strerror)
-                    ok = False
+                    print(self.path(*dirs, name))
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+                removed += 1
+            except FileNotFoundError:
+                pass        # not there, or someone else removed it: that is the goal
+            except IsADirectoryError:
+                log.warning("%s: is a directory, left alone", self.path(*dirs, name))
+            except OSError as e:
+                log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
+                ok = False
         self.files += removed
-        log.debug("%s/%s: removed %d files", category, port, removed)
+        log.debug("%s: removed %d files", "/".join(dirs + (last,)), removed)
         return ok
 
     def path(self, *parts):

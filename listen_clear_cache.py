@@ -1,13 +1,15 @@
-"""Wait for NOTIFY clear_ports_cache and run clear_cache.py when it comes.
+"""Wait for NOTIFY clear_ports_cache and run clear_cache.py when rows are due.
 
 Holds one autocommit LISTEN connection and sleeps in select().  A
-notification, a reconnect, SIGHUP, or a heartbeat that finds rows queued
-starts clear_cache.py as a separate process.  Runs never overlap, and
+notification, a (re)connect, the heartbeat, or the time the earliest queued
+row falls due makes it look at the queue; rows due start clear_cache.py as a
+separate process, and rows due later set a timer.  Runs never overlap, and
 notifications that arrive meanwhile fold into one more run, so a burst of
 changes costs a handful of runs.  The queue table is the truth; NOTIFY is
-only a wake-up, so every (re)connect is followed by a catch-up run.
+only a wake-up.
 
-    listen_clear_cache.py [--dsn DSN] [--cache-dir DIR] [--channel NAME]
+    listen_clear_cache.py [--dsn DSN] [--cache-dir DIR] [--pages TEMPLATE ...]
+                          [--again-after SECONDS] [--channel NAME]
                           [--heartbeat SECONDS] [-q|-v]
 
 Stays in the foreground and logs to stderr (daemontools, cron @reboot).
@@ -24,6 +26,7 @@ import sys
 import time
 
 import psycopg2
+import psycopg2.errorcodes
 import psycopg2.extensions
 
 import clear_cache
@@ -37,7 +40,12 @@ MAX_DELAY = 1.0
 CONNECT_BACKOFF = 0.5, 30.0
 RUN_BACKOFF = 0.5, 60.0
 RUN_LIMIT = 10          # heartbeats a clearer may take before it is killed
-CHECK_QUERY = "SELECT EXISTS (SELECT FROM ports_cache_clearing)"
+# Seconds until the earliest row falls due: <= 0 due now, NULL for none.
+LOOK_QUERY = ("SELECT EXTRACT(epoch FROM min(due_at) - now())::float8"
+              " FROM ports_cache_clearing")
+DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
+LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
+LOCK_NOT_AVAILABLE = psycopg2.errorcodes.LOCK_NOT_AVAILABLE
 VERBOSITY_FLAGS = {clear_cache.WARNING: ["-q"], clear_cache.INFO: [],
                    clear_cache.DEBUG: ["-v"]}
 
@@ -49,30 +57,23 @@ def main(argv=None):
     clear_cache.add_common_options(parser)
     parser.add_argument("--channel", default="clear_ports_cache",
                         help="channel to LISTEN on (default: %(default)s)")
-    parser.add_argument("--heartbeat", type=positive_seconds, default=30.0,
+    parser.add_argument("--heartbeat", type=clear_cache.seconds(0, strict=True),
+                        default=30.0,
                         metavar="SECONDS", help="check an idle connection this often,"
                         " and give up on an answer after as long (default: 30)")
     args = parser.parse_args(argv)
     clear_cache.setup_logging(args.verbosity)
     try:
-        dsn, cache_dir = clear_cache.load_config(args)
-        os.close(clear_cache.open_cache_dir(cache_dir))
+        config = clear_cache.load_config(args)
+        os.close(clear_cache.open_cache_dir(config.cache_dir))
         if not args.channel or "\0" in args.channel:
             raise clear_cache.ConfigError("invalid channel name %r" % args.channel)
     except clear_cache.ConfigError as e:
         log.error("%s", e)
         return 2
-    listener = Listener(dsn, cache_dir, args.channel, args.heartbeat,
+    listener = Listener(config, args.channel, args.heartbeat,
                         VERBOSITY_FLAGS[args.verbosity])
     return listener.run()
-
-
-def positive_seconds(text):
-    """argparse type: a number of seconds greater than zero."""
-    value = float(text)
-    if not 0 < value < 1e6:
-        raise ValueError(text)
-    return value
 
 
 def backoff(failures, base_cap):
@@ -88,15 +89,18 @@ class Unanswered(Exception):
 class Listener:
     """The daemon's state: one LISTEN connection, at most one clearer child."""
 
-    def __init__(self, dsn, cache_dir, channel, heartbeat, flags):
-        self.dsn = dsn
-        self.listen_sql = 'LISTEN "%s"' % channel.replace('"', '""')
+    def __init__(self, config, channel, heartbeat, flags):
+        self.dsn = config.dsn
+        # A lock held on the queue (an ALTER TABLE, say) is no dead connection.
+        self.listen_sql = 'LISTEN "%s"; SET lock_timeout = %d' % (
+            channel.replace('"', '""'), min(LOCKED_RETRY, heartbeat / 2) * 1000)
         self.channel = channel
         self.heartbeat = heartbeat
         self.argv = [sys.executable, clear_cache.__file__] + flags
         # Secrets go through the environment: argv is visible to ps.
-        self.env = dict(os.environ, CLEAR_CACHE_DSN=dsn, CLEAR_CACHE_DIR=cache_dir)
+        self.env = config.environ()
         self.conn = None
+        self.look_at = float("inf")     # monotonic time of the next look at the queue
         self.connect_failures = 0
         self.next_connect = 0.0         # monotonic time of the next attempt
         self.last_heard = 0.0           # last sign of life from the server
@@ -125,6 +129,8 @@ class Listener:
                 self.reconnect()
             elif self.conn is not None and now >= self.last_heard + self.heartbeat:
                 self.check_connection()
+            elif self.conn is not None and now >= self.look_at and self.idle():
+                self.look_at_queue()
             elif self.pending and self.child is None and now >= self.next_start:
                 self.start_clearer()
             else:
@@ -169,14 +175,20 @@ class Listener:
                              else self.last_heard + self.heartbeat)
             if self.pending and self.child is None:
                 deadlines.append(self.next_start)
+            if self.conn is not None and self.idle():
+                deadlines.append(self.look_at)
         timeout = min(deadlines) - time.monotonic()
         timeout = None if timeout == float("inf") else max(0.0, timeout)
         # While a run is pending or running, notifications carry no news:
         # leave them in the socket and drain them in one go when it starts.
-        idle = self.conn is not None and self.child is None and not self.pending
+        idle = self.conn is not None and self.idle()
         readable, _, _ = select.select([self.wakeup] + [self.conn] * idle, [], [], timeout)
         if self.conn in readable and self.poll_notifications():
-            self.pending = True
+            self.look_at = 0.0
+
+    def idle(self):
+        """No clearer runs or waits to run."""
+        return self.child is None and not self.pending
 
     def poll_notifications(self):
         """Read what the server sent; True if it held notifications, now consumed."""
@@ -193,7 +205,7 @@ class Listener:
         return notified
 
     def reconnect(self):
-        """Connect, LISTEN, and ask for a catch-up run; on failure, back off."""
+        """Connect, LISTEN, and look at the queue; on failure, back off."""
         conn = None
         try:
             conn = clear_cache.connect(self.dsn, async_=1)
@@ -217,28 +229,46 @@ class Listener:
         self.last_heard = time.monotonic()
         log.info("listening on channel %s", self.channel)
         # Notifications sent while nobody listened are lost: catch up.
-        self.pending = True
+        self.look_at = 0.0
 
     def check_connection(self):
-        """Heartbeat: prove the connection alive, and sweep if rows wait unannounced."""
+        """Heartbeat: prove the connection alive, and look at the queue while at it."""
+        self.look_at_queue(heartbeat=True)
+
+    def look_at_queue(self, heartbeat=False, settle=False):
+        """Ask when the earliest row falls due: run the clearer now, or set the timer."""
         cursor = self.conn.cursor()
         try:
-            cursor.execute(CHECK_QUERY)
+            cursor.execute(LOOK_QUERY)
             self.wait_ready(self.conn)
-            queued = cursor.fetchone()[0]
-        except (psycopg2.OperationalError, psycopg2.InterfaceError, Unanswered) as e:
-            if not self.stopping:
-                self.drop_connection(clear_cache.one_line(e))
+            wait = cursor.fetchone()[0]
+        except (psycopg2.Error, Unanswered) as e:
+            if getattr(e, "pgcode", None) is None:      # no answer, or no connection
+                if not self.stopping:
+                    self.drop_connection(clear_cache.one_line(e))
+                return
+            self.last_heard = time.monotonic()
+            retry = LOCKED_RETRY if e.pgcode == LOCK_NOT_AVAILABLE else self.heartbeat
+            log.warning("cannot look at the queue: %s; again in %g s",
+                        clear_cache.db_error(e), retry)
+            self.look_at = self.last_heard + retry
             return
-        except psycopg2.Error as e:
-            log.warning("heartbeat query failed: %s", clear_cache.db_error(e))
-            queued = False
-        self.last_heard = time.monotonic()
-        if self.child is None and not self.pending and (queued or self.conn.notifies):
-            if not self.conn.notifies:
-                log.info("heartbeat found rows queued: clearing")
-            self.conn.notifies.clear()
-            self.pending = True
+        now = self.last_heard = time.monotonic()
+        if not self.idle():
+            return      # a run is coming anyway, and it looks again after
+        announced = bool(self.conn.notifies)
+        self.conn.notifies.clear()
+        if wait is None or wait > 0:
+            self.look_at = float("inf") if wait is None else now + wait + DUE_MARGIN
+            log.debug("queue: %s", "nothing due" if wait is None
+                      else "next rows due in %.1f s" % wait)
+            return
+        if heartbeat and not announced:
+            log.info("heartbeat found rows due: clearing")
+        self.look_at = float("inf")
+        self.pending = True
+        if settle:
+            self.settle(now)
 
     def wait_ready(self, conn):
         """Poll an asynchronous operation to its end, for at most one heartbeat."""
@@ -280,10 +310,10 @@ class Listener:
         self.started_at = now
         self.next_start = now + MIN_GAP
         try:
-            # Its own process group: a terminal's ^C reaches only the daemon,
-            # which then lets the clearer finish.
+            # Its own session and process group: a terminal's ^C reaches only
+            # the daemon, which then lets the clearer finish.
             self.child = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
-                                          process_group=0)
+                                          start_new_session=True)
         except OSError as e:
             self.fail_run("cannot start clearer: %s" % e)
             return
@@ -309,9 +339,11 @@ class Listener:
             return
         log.debug("clearer pid %d done", pid)
         self.run_failures = 0
-        if self.poll_notifications():
-            self.pending = True
-            self.settle(time.monotonic())
+        notified = self.poll_notifications()
+        if self.conn is not None and not self.stopping:
+            # Rows may have come due or been queued while it ran (its own
+            # re-clears too); changes that kept coming call for a pause.
+            self.look_at_queue(settle=notified)
 
     def settle(self, now):
         """Changes keep coming: start after a pause, or MAX_DELAY after the last start."""

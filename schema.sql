@@ -24,6 +24,13 @@ CREATE TABLE IF NOT EXISTS ports_cache_clearing (
     port      text NOT NULL,
     queued_at timestamptz NOT NULL DEFAULT now()
 );
+-- A row is due once due_at has passed; any program may queue a clear for
+-- later.  reclear marks the second clear that follows a change, for renders
+-- that raced the first: clearing it queues nothing.  Added here so that an
+-- older queue keeps its rows.
+ALTER TABLE ports_cache_clearing
+    ADD COLUMN IF NOT EXISTS due_at  timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS reclear boolean NOT NULL DEFAULT false;
 
 -- The sequence hands each session ids a hundred at a time: a 30,000-row
 -- statement then queues its rows much faster.  Ids only need to be unique.
@@ -34,20 +41,29 @@ ALTER SEQUENCE ports_cache_clearing_id_seq CACHE 100;
 -- (category, name) is UNIQUE.
 CREATE OR REPLACE FUNCTION ports_queue_cache_clearing() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    queued bigint;
 BEGIN
     IF TG_OP = 'DELETE' THEN
         INSERT INTO ports_cache_clearing (category, port)
             SELECT category, name FROM old_rows;
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO ports_cache_clearing (category, port)
+            SELECT category, name FROM ports;
     ELSE
         INSERT INTO ports_cache_clearing (category, port)
             SELECT category, name FROM new_rows;
     END IF;
-    GET DIAGNOSTICS queued = ROW_COUNT;
-    -- No payload, so that a transaction's notifications fold into one.
-    -- A statement that touched no rows wakes nobody.
-    IF queued > 0 THEN
+    RETURN NULL;
+END
+$$;
+
+-- Whoever inserts into the queue wakes the daemon: the trigger above, a
+-- clear queued for later, the clearer's own re-clears.  No payload, so that
+-- a transaction's notifications fold into one.  A statement that inserted
+-- no rows wakes nobody.
+CREATE OR REPLACE FUNCTION ports_cache_clearing_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM inserted) THEN
         NOTIFY clear_ports_cache;
     END IF;
     RETURN NULL;
@@ -69,6 +85,8 @@ DROP TRIGGER IF EXISTS ports_cache_clearing_insert ON ports;
 DROP TRIGGER IF EXISTS ports_cache_clearing_update ON ports;
 DROP TRIGGER IF EXISTS ports_cache_clearing_delete ON ports;
 DROP TRIGGER IF EXISTS ports_cache_clearing_rename ON ports;
+DROP TRIGGER IF EXISTS ports_cache_clearing_truncate ON ports;
+DROP TRIGGER IF EXISTS ports_cache_clearing_notify ON ports_cache_clearing;
 
 CREATE TRIGGER ports_cache_clearing_insert
     AFTER INSERT ON ports REFERENCING NEW TABLE AS new_rows
@@ -84,5 +102,12 @@ CREATE TRIGGER ports_cache_clearing_rename
     FOR EACH ROW WHEN (OLD.category IS DISTINCT FROM NEW.category
                        OR OLD.name IS DISTINCT FROM NEW.name)
     EXECUTE FUNCTION ports_queue_old_name();
+-- TRUNCATE has no transition table: queue every port before it goes.
+CREATE TRIGGER ports_cache_clearing_truncate
+    BEFORE TRUNCATE ON ports
+    FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
+CREATE TRIGGER ports_cache_clearing_notify
+    AFTER INSERT ON ports_cache_clearing REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION ports_cache_clearing_notify();
 
 COMMIT;
