@@ -525,6 +525,45 @@ def test_statement_changing_nothing_notifies_nobody(db):
     assert listening.received() == []
 
 
+def test_schema_upgrade_keeps_queued_rows(admin_dsn):
+    name = "lcc_upgrade_%d" % os.getpid()
+    drop_database(admin_dsn, name)
+    sql(admin_dsn, "CREATE DATABASE %s" % name)
+    dsn = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    try:
+        # The queue as the previous schema.sql made it.
+        sql(dsn, "CREATE TABLE ports_cache_clearing (id bigserial PRIMARY KEY, category"
+            " text NOT NULL, port text NOT NULL, queued_at timestamptz NOT NULL DEFAULT"
+            " now()); INSERT INTO ports_cache_clearing (category, port)"
+            " VALUES ('www', 'a'), ('net', 'b')")
+        load_schema(dsn)
+        assert all_queued(dsn) == [("net", "b", False), ("www", "a", False)]
+        assert queued(dsn) == [("net", "b"), ("www", "a")]
+        load_schema(dsn)
+        assert len(all_queued(dsn)) == 2
+    finally:
+        drop_database(admin_dsn, name)
+
+
+def test_truncate_ports_queues_every_port(db):
+    add_ports(db, "www/a", "net/b")
+    sql(db, "TRUNCATE ports_cache_clearing")
+    listening = Listening(db)
+    sql(db, "TRUNCATE ports")
+    assert queued(db) == [("net", "b"), ("www", "a")]
+    wait_for(listening.received, what="TRUNCATE's notification")
+
+
+def test_any_insert_into_the_queue_notifies_and_an_empty_one_does_not(db):
+    listening = Listening(db)
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) SELECT 'www', 'a' WHERE false")
+    assert listening.received() == []
+    sql(db, "INSERT INTO ports_cache_clearing (category, port, due_at)"
+        " VALUES ('www', 'nginx', now() + interval '10 days')")
+    notes = wait_for(listening.received, what="the INSERT's notification")
+    assert [(n.channel, n.payload) for n in notes] == [("clear_ports_cache", "")]
+
+
 # ------------------------------------------------------------ the clearer
 
 def test_flush_clears_queued_ports_only(db, cache, outside):
@@ -794,6 +833,219 @@ def test_missing_queue_table_is_one_line(admin_dsn, cache):
     assert_one_line_error(clear(dsn=admin_dsn, cache=cache), 1)
 
 
+# ------------------------------------------------------------ page templates
+
+FRESHPORTS = ["--pages", "ports/{category}/{port}/*", "--pages", "categories/{category}/*"]
+
+BAD_TEMPLATES = ["", "a b", "/abs/{port}", "a//{port}", "./{port}", "{category}/../x",
+                 "{category}/./{port}", "{category}/", "{version}/{port}", "{category/x",
+                 "x}/{port}", "*/{port}", "{category}*/{port}/x", "[ab]/{port}/*"]
+
+
+@pytest.mark.parametrize("template", BAD_TEMPLATES)
+def test_bad_templates_are_refused_before_any_database_access(tmp_path, cache, template):
+    # The port is closed: a script that tried to connect would fail otherwise.
+    dsn = "host=127.0.0.1 port=%d connect_timeout=1" % free_port()
+    for script in (CLEAR, LISTEN):
+        for how in ("option", "environment"):
+            args, env = (["--pages", template], {}) if how == "option" else (
+                [], {"CLEAR_CACHE_PAGES": "{category}/{port}/* " + template})
+            if how == "environment" and (not template or " " in template):
+                continue        # the variable's white space separates templates
+            result = subprocess.run([sys.executable, script, "--dsn", dsn, "--cache-dir",
+                                     str(cache)] + args, capture_output=True, text=True,
+                                    timeout=30, env=dict(os.environ, **env))
+            assert_one_line_error(result, 2)
+            assert "template" in result.stderr, result.stderr
+
+
+def test_pages_from_environment_and_empty_means_default(db, cache):
+    add_ports(db, "www/a")
+    page, listing = make_page(cache, "www/a"), make_page(cache, "categories/www", "a.html")
+    single = make_page(cache, "solo", "a.html")
+    env = {"CLEAR_CACHE_PAGES": "  categories/{category}/*\tsolo/{port}.html\n"}
+    result = clear(dsn=db, cache=cache, env=env)
+    assert result.returncode == 0, result.stderr
+    assert page.exists() and not listing.exists() and not single.exists()
+    add_ports(db, "www/b")
+    page_b = make_page(cache, "www/b")
+    result = clear(dsn=db, cache=cache, env={"CLEAR_CACHE_PAGES": ""})
+    assert result.returncode == 0, result.stderr
+    assert not page_b.exists()
+
+
+def test_freshports_layout_clears_the_port_and_its_category(db, cache, outside):
+    add_ports(db, "www/a", "net/b")
+    port_pages = [make_page(cache, "ports/www/a", n) for n in (PAGE, ".hidden", "x.html")]
+    listing = make_page(cache, "categories/www", "index.html")
+    (cache / "categories/www/subdir").mkdir()
+    (cache / "categories/www/link.html").symlink_to(outside / "victim")
+    others = [make_page(cache, "ports/www/z"), make_page(cache, "categories/net/i.html"),
+              make_page(cache, "www/a")]
+    sql(db, "DELETE FROM ports_cache_clearing WHERE port = 'b'")
+    result = clear(*FRESHPORTS, dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not any(p.exists() for p in port_pages + [listing])
+    assert not os.path.lexists(cache / "categories/www/link.html")
+    assert (cache / "categories/www/subdir").is_dir()
+    assert all(p.exists() for p in others)
+    assert "removed 5 files" in result.stderr, result.stderr
+
+
+def test_literal_last_component_names_one_entry(db, cache):
+    add_ports(db, "www/a")
+    page = make_page(cache, "flat", "a.html")
+    others = [make_page(cache, "flat", n) for n in ("a.htm", "a.html.gz", "b.html")]
+    (cache / "flat" / "dir.html").mkdir()
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'dir')")
+    result = clear("--pages", "flat/{port}.html", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists() and all(p.exists() for p in others)
+    assert (cache / "flat" / "dir.html").is_dir()
+    assert "flat/dir.html: is a directory, left alone" in result.stderr
+
+
+def test_values_in_a_glob_match_only_themselves(db, cache):
+    pages = {n: make_page(cache, "flat", n + "-1.html")
+             for n in ("a*", "ab", "[x]", "x", "?", "q", "a")}
+    for port in ("a*", "[x]", "?"):
+        sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', %s)",
+            (port,))
+    result = clear("--pages", "flat/{port}-*", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert sorted(n for n, p in pages.items() if not p.exists()) == ["?", "[x]", "a*"]
+
+
+def test_glob_characters_in_the_template_match_as_fnmatch_does(db, cache):
+    add_ports(db, "www/a")
+    gone = [make_page(cache, "www/a", n) for n in ("p1.html", "p2.html", ".p3.html")]
+    kept = [make_page(cache, "www/a", n) for n in ("p10.html", "q1.html")]
+    result = clear("--pages", "{category}/{port}/[p.]?.html", "--pages",
+                   "{category}/{port}/.p*", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
+
+
+def test_over_long_expansion_is_reported_and_deleted(db, cache, outside):
+    long_port = "p" * 250     # a valid name, but www-<port>.html is 259 bytes
+    page = make_page(cache, "flat", "www-ok.html")
+    before = tree(cache)
+    for port in (long_port, "ok"):
+        sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', %s)",
+            (port,))
+    result = clear("--pages", "flat/{category}-{port}.html", "--pages",
+                   "{category}/{port}/*", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert len(re.findall(r"row \d+ \(1 rows\): invalid name", result.stderr)) == 1
+    assert not page.exists()
+    del before[str(page)]
+    assert tree(cache) == before
+    assert all_queued(db) == [("www", "ok", True)]
+    assert_one_line_error(clear("--pages", "flat/{category}-{port}.html",
+                                "www/" + long_port, dsn=db, cache=cache), 2)
+
+
+def test_each_target_cleared_once_per_run(db, cache):
+    names = ["www/p%d" % i for i in range(50)]
+    add_ports(db, *names)
+    listing = make_page(cache, "categories/www", "index.html")
+    make_page(cache, "ports/www/p7")
+    result = clear("-v", *FRESHPORTS, dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not listing.exists()
+    assert result.stderr.count("categories/www/*: removed") == 1, result.stderr
+    assert result.stderr.count("ports/www/p7/*: removed") == 1, result.stderr
+
+
+def test_explicit_ports_apply_every_template(db, cache):
+    pages = [make_page(cache, "ports/www/a"), make_page(cache, "categories/www", "i.html")]
+    result = clear(*FRESHPORTS, "www/a", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not any(p.exists() for p in pages)
+    assert all_queued(db) == []
+
+
+def test_symlinked_template_directory_is_not_entered(db, cache, outside):
+    (cache / "ports").symlink_to(outside)
+    (outside / "www").mkdir()
+    (outside / "www" / "a").symlink_to(outside / "p")
+    add_ports(db, "www/a")
+    result = clear(*FRESHPORTS, dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "ports: is a symlink, not entered" in result.stderr
+    shutil.rmtree(outside / "www")      # ours, made above: the fixture compares the rest
+
+
+# ------------------------------------------------- re-clears and due rows
+
+def test_a_change_queues_one_reclear_that_queues_nothing(db, cache):
+    add_ports(db, "www/a")
+    touch_port(db, "www/a")
+    result = clear("--again-after", "0.5", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "deleted 2 rows" in result.stderr
+    assert queued(db) == [] and all_queued(db) == [("www", "a", True)]
+    due = sql(db, "SELECT due_at - now() > interval '0.3 s' FROM ports_cache_clearing")
+    assert due == [(True,)]
+    wait_for(lambda: queued(db) == [("www", "a")], what="the re-clear to fall due")
+    page = make_page(cache, "www/a")    # a render that raced the first clear
+    result = clear("--again-after", "0.5", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists()
+    assert all_queued(db) == [], "a re-clear queues no other"
+
+
+def test_due_later_row_is_untouched_uncounted_then_cleared(db, cache):
+    page = make_page(cache, "www/nginx")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port, due_at)"
+        " VALUES ('www', 'nginx', now() + interval '1 s'), ('www', '..', now() + '1 h')")
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "cleared 0 ports, deleted 0 rows, removed 0 files" in result.stderr
+    assert "invalid" not in result.stderr
+    assert page.exists() and len(all_queued(db)) == 2
+    wait_for(lambda: queued(db), what="the row to fall due")
+    result = clear(dsn=db, cache=cache)
+    assert "cleared 1 ports, deleted 1 rows, removed 1 files" in result.stderr
+    assert not page.exists()
+    # A clear queued for later races renders as well: it is cleared again.
+    assert all_queued(db) == [("www", "..", False), ("www", "nginx", True)]
+
+
+def test_again_after_0_dry_run_and_explicit_ports_queue_nothing(db, cache):
+    add_ports(db, "www/a")
+    assert clear("--dry-run", dsn=db, cache=cache).returncode == 0
+    assert clear("www/a", dsn=db, cache=cache).returncode == 0
+    assert all_queued(db) == [("www", "a", False)]
+    result = clear("--again-after", "0", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert all_queued(db) == []
+    add_ports(db, "www/b")
+    assert clear(dsn=db, cache=cache, env={"CLEAR_CACHE_AGAIN_AFTER": "0"}).returncode == 0
+    assert all_queued(db) == []
+
+
+@pytest.mark.parametrize("args, env", [(["--again-after", "-1"], {}),
+                                       (["--again-after", "soon"], {}),
+                                       ([], {"CLEAR_CACHE_AGAIN_AFTER": "-0.5"})])
+def test_bad_again_after_is_a_usage_error(db, cache, args, env):
+    add_ports(db, "www/a")
+    for script in (CLEAR, LISTEN):
+        result = subprocess.run([sys.executable, script, "--dsn", db, "--cache-dir",
+                                 str(cache)] + args, capture_output=True, text=True,
+                                timeout=30, env=dict(os.environ, **env))
+        assert_one_line_error(result, 2)
+    assert all_queued(db) == [("www", "a", False)]
+
+
+def test_dry_run_says_invalid_rows_would_be_deleted(db, cache):
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('..', 'x')")
+    result = clear("--dry-run", dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "invalid name '..'/'x', would be deleted" in result.stderr
+    assert queued(db) == [("..", "x")]
+
+
 # ------------------------------------------------------------- the daemon
 
 def test_daemon_clears_a_committed_change(db, cache, daemon):
@@ -969,6 +1221,150 @@ def test_daemon_retries_while_the_cache_directory_is_missing(db, cache, daemon):
              what="the retried clear once the directory is back")
     wait_for(lambda: queued(db) == [], what="the queue to drain")
     assert not page.exists()
+
+
+def test_daemon_waits_for_rows_due_later_then_clears_them(db, cache, daemon):
+    d = daemon(cache, "--heartbeat", "600", "--again-after", "0")
+    d.wait_ready()
+    runs = d.runs()
+    page = make_page(cache, "www/nginx")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port, due_at)"
+        " VALUES ('www', 'nginx', now() + interval '2 s')")
+    d.wait_log(r"queue: next rows due in [12]\.\d s")
+    assert d.runs() == runs, "a notification about rows not due started a clearer"
+    assert page.exists()
+    wait_for(lambda: not page.exists(), what="the row cleared once due")
+    wait_for(lambda: all_queued(db) == [], what="the queue to empty")
+    d.wait_idle()
+    assert d.runs() == runs + 1
+
+
+def test_isolated_change_costs_exactly_two_runs(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "600", "--again-after", "1")
+    d.wait_ready()
+    wait_for(lambda: all_queued(db) == [], what="the insert's re-clear to go")
+    d.wait_idle()
+    runs, looks = d.runs(), d.count("queue: nothing due")
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    wait_for(lambda: not page.exists(), what="the first clear")
+    page = make_page(cache, "www/a")            # a render that raced the first clear
+    wait_for(lambda: not page.exists(), what="the re-clear")
+    wait_for(lambda: all_queued(db) == [], what="the queue to empty")
+    d.wait_log("queue: nothing due", looks + 1)     # the look after the re-clear
+    d.wait_idle()
+    assert d.runs() - runs == 2, d.log()
+    d.assert_runs_never_overlapped()
+
+
+def test_daemon_hands_its_templates_to_its_clearer(db, cache, daemon):
+    add_ports(db, "www/a", "net/b")
+    d = daemon(cache, *FRESHPORTS, "--again-after", "0")
+    d.wait_ready()
+    pages = [make_page(cache, "ports/www/a"), make_page(cache, "categories/www", "i.html")]
+    others = [make_page(cache, "ports/net/b"), make_page(cache, "www/a")]
+    touch_port(db, "www/a")
+    wait_for(lambda: not any(p.exists() for p in pages), what="port and category pages")
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+    assert all(p.exists() for p in others)
+
+
+def test_a_locked_queue_means_look_again_not_a_dead_connection(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "1", "--again-after", "0")
+    d.wait_ready()
+    locker = psycopg2.connect(db)
+    locker.cursor().execute("LOCK TABLE ports_cache_clearing IN ACCESS EXCLUSIVE MODE")
+    try:
+        d.wait_log("cannot look at the queue: .*lock timeout; again in", timeout=20)
+    finally:
+        locker.rollback()
+        locker.close()
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    wait_for(lambda: not page.exists(), what="a change cleared after the lock")
+    assert "connection lost" not in d.log()
+    assert d.count("listening") == 1
+
+
+RENDERER = r"""
+import os, random, sys, threading, time, psycopg2
+dsn, cache, stop, names, slowest = sys.argv[1:6]
+
+def render(n):
+    rng = random.Random(n)
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    while not os.path.exists(stop):
+        category, port = rng.choice(names.split()).split("/")
+        with conn.cursor() as cur:
+            cur.execute("SELECT version FROM ports WHERE category = %s AND name = %s",
+                        (category, port))
+            version = cur.fetchone()[0]
+        time.sleep(rng.uniform(0, float(slowest)))     # rendering takes this long
+        tmp = os.path.join(cache, ".render-%d" % n)
+        with open(tmp, "w") as f:
+            f.write(version)
+        os.makedirs(os.path.join(cache, category, port), exist_ok=True)
+        os.replace(tmp, os.path.join(cache, category, port, "page.html"))
+
+threads = [threading.Thread(target=render, args=(n,)) for n in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def stale_pages(dsn, cache, names):
+    """Pages that show another version than their port's current one."""
+    stale = []
+    for name in names:
+        category, port = name.split("/")
+        page = cache / name / "page.html"
+        current = sql(dsn, "SELECT version FROM ports WHERE category = %s AND name = %s",
+                      (category, port))[0][0]
+        if page.exists() and page.read_text() != current:
+            stale.append(name)
+    return stale
+
+
+@pytest.mark.parametrize("again_after", ["1.5", "0"], ids=["reclear", "reclear-off"])
+def test_renders_racing_the_clear_leave_no_stale_page(db, cache, daemon, figures,
+                                                      again_after):
+    names = ["race/p%d" % i for i in range(6)]
+    add_ports(db, *names)
+    d = daemon(cache, "--again-after", again_after)
+    d.wait_ready()
+    stop = cache.parent / "stop-rendering"
+    # Every render reads, then writes within 1 s: shorter than the 1.5 s re-clear delay.
+    renderer = subprocess.Popen([sys.executable, "-c", RENDERER, db, str(cache), str(stop),
+                                 " ".join(names), "1.0"])
+    conn = psycopg2.connect(db)
+    try:
+        rng = random.Random(11)
+        for i in range(150):
+            with conn, conn.cursor() as cur:
+                cur.execute("UPDATE ports SET version = %s WHERE category || '/' || name = %s",
+                            ("v%d" % i, rng.choice(names)))
+            time.sleep(0.02)    # pacing the writer, not synchronisation
+    finally:
+        conn.close()
+        stop.touch()            # no render starts after the last commit
+        renderer.wait(timeout=30)
+    assert renderer.returncode == 0
+    wait_for(lambda: all_queued(db) == [], timeout=30, what="every clear and re-clear done")
+    d.wait_idle()
+    stale = stale_pages(db, cache, names)
+    if again_after == "0":
+        assert stale, "the race never happened: the test proves nothing"
+    else:
+        assert stale == []
+    figures["renders racing the clear, re-clear %s" % (
+        "after 1.5 s" if again_after != "0" else "off")] = {
+        "committed": 150, "notes": "%d stale pages of %d at the end" % (
+            len(stale), len(names))}
 
 
 def test_burst_is_cleared_with_far_fewer_runs(db, cache, daemon):
