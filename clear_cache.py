@@ -102,14 +102,14 @@ def main(argv=None):
     started = time.monotonic()
     try:
         config = load_config(args)
-        ports = [parse_port_argument(arg, config.templates) for arg in args.ports]
+        ports = dict(parse_port_argument(arg, config.templates) for arg in args.ports)
         cache_fd = open_cache_dir(config.cache_dir)
     except ConfigError as e:
         log.error("%s", e)
         return 2
     clearer = Clearer(cache_fd, config.cache_dir, config.templates, args.dry_run)
     if ports:
-        failed = clearer.clear_ports(dict.fromkeys(ports))
+        failed = clearer.clear_ports(ports)
         rows = 0
     else:
         try:
@@ -248,7 +248,7 @@ def valid_name(name):
     if name in ("", ".", "..") or UNSAFE.search(name):
         return False
     try:
-        return len(os.fsencode(name)) <= NAME_MAX
+        return len(name) <= NAME_MAX // 4 or len(os.fsencode(name)) <= NAME_MAX
     except UnicodeError:
         return False
 
@@ -259,11 +259,20 @@ def valid_port(category, port):
 
 
 def parse_port_argument(arg, templates):
-    """Split a CATEGORY/PORT argument, refusing anything the templates cannot use."""
+    """((category, port), its targets) of an argument the templates can use."""
     category, _, port = arg.partition("/")
-    if not all(t.expand(category, port) for t in templates):
+    targets = page_targets(templates, category, port)
+    if targets is None:
         raise ConfigError("not a CATEGORY/PORT the page templates can use: %r" % arg)
-    return category, port
+    return (category, port), targets
+
+
+def page_targets(templates, category, port):
+    """What the templates name for (category, port), or None if it cannot use them."""
+    if not valid_port(category, port):
+        return None
+    targets = [t.expand(category, port) for t in templates]
+    return None if None in targets else targets
 
 
 class Template:
@@ -283,6 +292,8 @@ class Template:
                               % text)
         for i, part in enumerate(self.parts):
             literal = PLACEHOLDER.sub("", part)
+            if literal == part and not valid_name(part):
+                raise ConfigError("page template %r: %r is no file name" % (text, part))
             unknown = set(PLACEHOLDER.findall(part)) - set(PLACEHOLDERS)
             if part in ("", ".", ".."):
                 raise ConfigError("page template %r: empty, . or .. component" % text)
@@ -296,21 +307,31 @@ class Template:
                 raise ConfigError("page template %r: glob characters before the last"
                                   " component" % text)
         self.glob = bool(GLOB.search(PLACEHOLDER.sub("", self.parts[-1])))
+        # Split once: even pieces are the template's text, odd ones placeholders.
+        self.pieces = [PLACEHOLDER.split(p) for p in self.parts]
+        self.pattern = [translate_glob(p) if i % 2 == 0 else p
+                        for i, p in enumerate(self.pieces[-1])] if self.glob else []
 
     def expand(self, category, port):
-        """(directories, last component, its regular expression or "") or None if unusable."""
+        """(directories, last component, its regular expression or "") or None if unusable.
+
+        category and port must be valid names already.
+        """
         values = {"category": category, "port": port}
-        if not valid_port(category, port):
-            return None
-        parts = [PLACEHOLDER.sub(lambda m: values[m.group(1)], p) for p in self.parts]
-        if not all(map(valid_name, parts)):
-            return None     # too long, or a '..' made of a value and the template
-        pattern = ""
-        if self.glob:
-            # Values are escaped: a port named 'a*' never matches another's page.
-            pieces = PLACEHOLDER.split(self.parts[-1])
-            pattern = "".join(re.escape(values[p]) if i % 2 else translate_glob(p)
-                              for i, p in enumerate(pieces))
+        parts = []
+        for pieces in self.pieces:
+            if len(pieces) == 1:
+                part = pieces[0]                # checked at start-up
+            elif len(pieces) == 3 and pieces[0] == pieces[2] == "":
+                part = values[pieces[1]]        # a valid name already
+            else:
+                part = "".join(values[p] if i % 2 else p for i, p in enumerate(pieces))
+                if not valid_name(part):
+                    return None     # too long, or a '..' made of a value and the template
+            parts.append(part)
+        # Values are escaped: a port named 'a*' never matches another's page.
+        pattern = "".join(re.escape(values[p]) if i % 2 else p
+                          for i, p in enumerate(self.pattern))
         return tuple(parts[:-1]), parts[-1], pattern
 
 
@@ -369,7 +390,8 @@ def clear_snapshot(cur, clearer, again_after):
     changed = {}    # (category, port) -> queued by a change, not only by a re-clear
     for category, port, reclear in cur:
         changed[category, port] = changed.get((category, port), False) or not reclear
-    unusable = [p for p in changed if not clearer.usable(*p)]
+    ports = {p: page_targets(clearer.templates, *p) for p in changed}
+    unusable = [p for p, targets in ports.items() if targets is None]
     if unusable:
         # They can never name a cache entry, so they go with the batch.
         cur.execute("SELECT min(id), count(*), category, port FROM ports_cache_clearing q"
@@ -379,37 +401,48 @@ def clear_snapshot(cur, clearer, again_after):
             log.warning("row %d (%d rows): invalid name %r/%r, %s", *row,
                         "would be deleted" if clearer.dry_run else "deleted unused")
         for pair in unusable:
-            del changed[pair]
+            del changed[pair], ports[pair]
     if clearer.dry_run:
-        failed = clearer.clear_ports(changed)
+        failed = clearer.clear_ports(ports)
         cur.connection.rollback()
         return 0, failed
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
     # committed after it started stays queued for the next run.  Nothing is
-    # committed before the files are gone, so the server may delete the rows
-    # while we delete the files.
+    # committed before the files are gone, so the server may update the
+    # queue while we delete the files.
     cur.execute("SAVEPOINT snapshot_read")
-    deleting = InThread(cur.connection, "DELETE FROM ports_cache_clearing WHERE " + DUE)
+    updating = InThread(update_queue, cur.connection, changed, again_after)
     try:
-        failed = clearer.clear_ports(changed)
+        failed = clearer.clear_ports(ports)
     finally:
-        deleting.join()         # the connection is free again only then
-    rows = deleting.result()
+        updating.join()         # the connection is free again only then
+    rows = updating.result()
     if failed:
         cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
-        cur.execute("DELETE FROM ports_cache_clearing q WHERE " + DUE +
-                    " AND NOT EXISTS " + MATCHING_PAIR, pair_arrays(failed))
-        rows = cur.rowcount
-    # A render that read the database before this change committed may write
-    # its page after we deleted it: clear once more, later.  Re-clears queue
-    # nothing, so they never chain; failed ports keep their rows instead.
-    again = [p for p, change in changed.items() if change and p not in failed]
-    if again_after and again:
-        cur.execute("INSERT INTO ports_cache_clearing (category, port, due_at, reclear)"
-                    " SELECT c, p, now() + %s * interval '1 second', true"
-                    " FROM unnest(%s::text[], %s::text[]) AS f(c, p)",
-                    [again_after] + pair_arrays(again))
+        rows = update_queue(cur.connection, changed, again_after, failed)
     return rows, failed
+
+
+def update_queue(conn, changed, again_after, failed=()):
+    """Delete the due rows but the failed ports', queue re-clears; return rows deleted."""
+    with conn.cursor() as cur:
+        if failed:
+            cur.execute("DELETE FROM ports_cache_clearing q WHERE " + DUE +
+                        " AND NOT EXISTS " + MATCHING_PAIR, pair_arrays(failed))
+        else:
+            cur.execute("DELETE FROM ports_cache_clearing WHERE " + DUE)
+        rows = cur.rowcount
+        # A render that read the database before the change committed may
+        # write its page after we delete it: clear once more, later.
+        # Re-clears queue nothing, so they never chain.
+        skip = set(failed)
+        again = [p for p, change in changed.items() if change and p not in skip]
+        if again_after and again:
+            cur.execute("INSERT INTO ports_cache_clearing (category, port, due_at, reclear)"
+                        " SELECT c, p, now() + %s * interval '1 second', true"
+                        " FROM unnest(%s::text[], %s::text[]) AS f(c, p)",
+                        [again_after] + pair_arrays(again))
+    return rows
 
 
 def pair_arrays(pairs):
@@ -418,27 +451,25 @@ def pair_arrays(pairs):
 
 
 class InThread(threading.Thread):
-    """A statement run on conn in a thread, while the caller works on."""
+    """function(*args) run in a thread, while the caller works on."""
 
-    def __init__(self, conn, query):
+    def __init__(self, function, *args):
         super().__init__()
-        self.conn, self.query = conn, query
-        self.rows = self.error = None
+        self.function, self.args = function, args
+        self.value = self.error = None
         self.start()
 
     def run(self):
         try:
-            with self.conn.cursor() as cur:
-                cur.execute(self.query)
-                self.rows = cur.rowcount
+            self.value = self.function(*self.args)
         except BaseException as e:      # handed to the caller by result()
             self.error = e
 
     def result(self):
-        """The statement's row count, once joined; its error is raised here."""
+        """What the function returned, once joined; what it raised is raised here."""
         if self.error is not None:
             raise self.error
-        return self.rows
+        return self.value
 
 
 class Clearer:
@@ -452,16 +483,12 @@ class Clearer:
         self.ports = 0          # cleared by the latest attempt
         self.files = 0          # removed, over all attempts
 
-    def usable(self, category, port):
-        """Can every template name pages of this (category, port)?"""
-        return all(t.expand(category, port) for t in self.templates)
-
     def clear_ports(self, ports):
-        """Clear each usable (category, port); return the ones that could not be cleared."""
-        targets = {}    # each distinct (directories, last, glob) once per run
-        for pair in ports:
-            for template in self.templates:
-                targets.setdefault(template.expand(*pair), []).append(pair)
+        """Clear {(category, port): its page_targets}; return the pairs that failed."""
+        targets = {}    # each distinct (directories, last, pattern) once per run
+        for pair, its_targets in ports.items():
+            for target in its_targets:
+                targets.setdefault(target, []).append(pair)
         failed = set()
         for target in self.clear_targets(targets):
             failed.update(targets[target])
@@ -523,7 +550,7 @@ class Clearer:
             match = re.compile(pattern, re.S).fullmatch
             with os.scandir(dir_fd) as entries:
                 found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries
-                         if match(e.name)]
+                         if pattern == ".*" or match(e.name)]
         else:
             found = [(last, False)]     # unlink says whether it is there, or a directory
         ok = True
