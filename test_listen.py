@@ -1906,6 +1906,8 @@ def service(tmp_path, db, cache):
     (svc / "env" / "CLEAR_CACHE_DIR").write_text(str(cache) + "\n")
     (svc / "env" / "LCC_HOME").write_text(str(HERE) + "\n")
     (svc / "env" / "LCC_ACCOUNT").write_text("")       # empty: no setuidgid
+    assert "categories/{category}/*" in (svc / "env" / "CLEAR_CACHE_PAGES").read_text()
+    (svc / "env" / "CLEAR_CACHE_PAGES").write_text("\n")  # empty: the default layout
     reader, writer = os.pipe()      # as svscan connects a service to its log
     env = {"PATH": os.environ["PATH"]}
     log = subprocess.Popen(["supervise", str(svc / "log")], stdin=reader, env=env,
@@ -2013,6 +2015,8 @@ def test_systemd_unit_settings():
     env = (CONTRIB / "systemd" / "listen-clear-cache.env").read_text()
     assert re.search(r"^CLEAR_CACHE_DSN=", env, re.M)
     assert re.search(r"^CLEAR_CACHE_DIR=/var/db/freshports/cache$", env, re.M)
+    assert re.search(r"^CLEAR_CACHE_PAGES=ports/\{category\}/\{port\}/\*"
+                     r" categories/\{category\}/\*$", env, re.M)
     if shutil.which("systemd-analyze"):
         result = subprocess.run(["systemd-analyze", "verify", str(
             CONTRIB / "systemd" / "listen-clear-cache.service")], capture_output=True,
