@@ -20,6 +20,7 @@ import errno
 import fnmatch
 import os
 import re
+import select
 import stat
 import sys
 import threading
@@ -37,6 +38,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
 DEFAULT_PAGES = ["{category}/{port}/*"]
 DEFAULT_AGAIN_AFTER = 5.0
+WARM_NAME = "clear_cache.py (warm)"     # application_name of the daemon's waiting clearer
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PLACEHOLDERS = ("category", "port")
 GLOB = re.compile(r"[*?[]")
@@ -97,9 +99,11 @@ def main(argv=None):
                         help="print what would be removed, change nothing")
     parser.add_argument("ports", nargs="*", metavar="CATEGORY/PORT",
                         help="clear just these ports; the queue is not read")
+    parser.add_argument("--warm", metavar="FD", type=int, help="how the daemon starts"
+                        " its waiting clearer: connect, then wait for a byte on file"
+                        " descriptor FD before the run; end of file: exit 0, no run")
     args = parser.parse_args(argv)
     setup_logging(args.verbosity)
-    started = time.monotonic()
     try:
         config = load_config(args)
         ports = dict(parse_port_argument(arg, config.templates) for arg in args.ports)
@@ -107,13 +111,19 @@ def main(argv=None):
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    conn = None
+    if args.warm is not None:
+        conn = wait_for_word(args.warm, config)
+        if conn is False:
+            return 0        # the daemon is gone: nobody wants this run
+    started = time.monotonic()
     clearer = Clearer(cache_fd, config.cache_dir, config.templates, args.dry_run)
     if ports:
         failed = clearer.clear_ports(ports)
         rows = 0
     else:
         try:
-            rows, failed = flush_queue(config.dsn, clearer, config.again_after)
+            rows, failed = flush_queue(config.dsn, clearer, config.again_after, conn)
         except psycopg2.Error as e:
             log.error("database error: %s", db_error(e))
             return 1
@@ -357,16 +367,48 @@ def one_line(error):
 
 def connect(dsn, **params):
     """Connect with keepalives, so that a dead peer is noticed while idle."""
-    params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
-                       keepalives_count=3, connect_timeout=10), **params)
     # The DSN or PGAPPNAME may name the application; else the script does.
-    return psycopg2.connect(dsn, fallback_application_name=os.path.basename(sys.argv[0]),
-                            **params)
+    params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                       keepalives_count=3, connect_timeout=10,
+                       fallback_application_name=os.path.basename(sys.argv[0])), **params)
+    return psycopg2.connect(dsn, **params)
 
 
-def flush_queue(dsn, clearer, again_after):
-    """Clear every due port in one transaction; return (rows deleted, failed ports)."""
-    conn = connect(dsn)
+def wait_for_word(fd, config):
+    """Connect ahead, then wait for the daemon's word on fd.
+
+    Returns the connection (None if it could not be kept: the run connects
+    again), or False when the daemon went away without a word.
+    """
+    conn = None
+    try:
+        conn = connect(config.dsn, fallback_application_name=WARM_NAME)
+    except psycopg2.OperationalError as e:
+        log.debug("cannot connect ahead: %s; connecting after the word", one_line(e))
+    while True:
+        readable, _, _ = select.select([fd] + ([conn] if conn else []), [], [])
+        if fd in readable:
+            if os.read(fd, 1):
+                return conn
+            if conn is not None:
+                conn.close()
+            return False
+        try:
+            conn.poll()     # the server spoke while we waited: a notice, or goodbye
+            conn.notices.clear()
+        except psycopg2.Error as e:
+            log.debug("connection lost while waiting: %s", one_line(e))
+            conn.close()
+            conn = None
+
+
+def flush_queue(dsn, clearer, again_after, conn=None):
+    """Clear every due port in one transaction; return (rows deleted, failed ports).
+
+    conn, if given, was opened before the run was asked for; should it turn
+    out to be dead, the run connects again.
+    """
+    ahead, conn = conn is not None, conn or connect(dsn)
     try:
         conn.set_session(isolation_level="SERIALIZABLE")
         for attempt in range(1, ATTEMPTS + 1):
@@ -374,6 +416,13 @@ def flush_queue(dsn, clearer, again_after):
                 with conn, conn.cursor() as cur:
                     return clear_snapshot(cur, clearer, again_after)
             except psycopg2.Error as e:
+                if ahead and e.pgcode is None and attempt == 1:
+                    # It died unseen while we waited (no word from the server).
+                    log.info("connecting again: %s", one_line(e))
+                    conn.close()
+                    conn = connect(dsn)
+                    conn.set_session(isolation_level="SERIALIZABLE")
+                    continue
                 if e.pgcode not in RETRYABLE or attempt == ATTEMPTS:
                     raise
                 log.warning("retrying after %s (attempt %d)", db_error(e), attempt)

@@ -61,6 +61,10 @@ def main(argv=None):
                         default=30.0,
                         metavar="SECONDS", help="check an idle connection this often,"
                         " and give up on an answer after as long (default: 30)")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        default=os.environ.get("CLEAR_CACHE_WARM") != "0",
+                        help="start each clearer when it is needed, instead of keeping one"
+                        " started and connected ahead (default: $CLEAR_CACHE_WARM=0 also)")
     args = parser.parse_args(argv)
     clear_cache.setup_logging(args.verbosity)
     try:
@@ -72,7 +76,7 @@ def main(argv=None):
         log.error("%s", e)
         return 2
     listener = Listener(config, args.channel, args.heartbeat,
-                        VERBOSITY_FLAGS[args.verbosity])
+                        VERBOSITY_FLAGS[args.verbosity], args.warm)
     return listener.run()
 
 
@@ -89,7 +93,7 @@ class Unanswered(Exception):
 class Listener:
     """The daemon's state: one LISTEN connection, at most one clearer child."""
 
-    def __init__(self, config, channel, heartbeat, flags):
+    def __init__(self, config, channel, heartbeat, flags, warm=True):
         self.dsn = config.dsn
         # A lock held on the queue (an ALTER TABLE, say) is no dead connection.
         self.listen_sql = 'LISTEN "%s"; SET lock_timeout = %d' % (
@@ -106,6 +110,11 @@ class Listener:
         self.last_heard = 0.0           # last sign of life from the server
         self.child = None
         self.child_deadline = 0.0
+        self.warm = warm
+        self.waiter = None              # the clearer started ahead, waiting for its word
+        self.word_fd = None             # the pipe to it; closing it sends it away
+        self.waiter_failures = 0
+        self.next_waiter = 0.0
         self.run_failures = 0
         self.pending = False            # a clearer run is wanted
         self.next_start = 0.0           # earliest start of that run
@@ -122,7 +131,7 @@ class Listener:
             self.reap_clearer()
             now = time.monotonic()
             if self.stopping:
-                if self.child is None:
+                if self.child is None and self.waiter is None:
                     break
                 self.wait_events()
             elif self.conn is None and now >= self.next_connect:
@@ -133,6 +142,8 @@ class Listener:
                 self.look_at_queue()
             elif self.pending and self.child is None and now >= self.next_start:
                 self.start_clearer()
+            elif self.wants_waiter() and now >= self.next_waiter:
+                self.start_waiter()
             else:
                 self.wait_events()
         log.info("stopped")
@@ -164,6 +175,7 @@ class Listener:
                      else ", after clearer pid %d ends" % self.child.pid)
             self.stopping = True
             self.close_connection()
+            self.dismiss_waiter()
 
     def wait_events(self):
         """Sleep in select() until a notification, a signal or the next deadline."""
@@ -177,6 +189,8 @@ class Listener:
                 deadlines.append(self.next_start)
             if self.conn is not None and self.idle():
                 deadlines.append(self.look_at)
+            if self.wants_waiter():
+                deadlines.append(self.next_waiter)
         timeout = min(deadlines) - time.monotonic()
         timeout = None if timeout == float("inf") else max(0.0, timeout)
         # While a run is pending or running, notifications carry no news:
@@ -300,7 +314,7 @@ class Listener:
             self.conn = None
 
     def start_clearer(self):
-        """Start clear_cache.py, unless changes are still pouring in."""
+        """Give the word to the waiting clearer, or start one, unless changes still pour in."""
         now = time.monotonic()
         if self.poll_notifications() and now < self.started_at + MAX_DELAY:
             self.settle(now)
@@ -309,19 +323,85 @@ class Listener:
         self.pending = False
         self.started_at = now
         self.next_start = now + MIN_GAP
+        self.child_deadline = now + RUN_LIMIT * self.heartbeat
+        if self.waiter is not None and self.give_word():
+            return
         try:
-            # Its own session and process group: a terminal's ^C reaches only
-            # the daemon, which then lets the clearer finish.
-            self.child = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)
+            self.child = self.spawn_clearer()
         except OSError as e:
             self.fail_run("cannot start clearer: %s" % e)
             return
-        self.child_deadline = now + RUN_LIMIT * self.heartbeat
         log.debug("clearer pid %d started", self.child.pid)
 
+    def spawn_clearer(self, *args, **kwargs):
+        """A new clear_cache.py process."""
+        # Its own session and process group: a terminal's ^C reaches only
+        # the daemon, which then lets the clearer finish.
+        return subprocess.Popen(self.argv + list(args), env=self.env,
+                                stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+
+    def wants_waiter(self):
+        """Should a clearer be started ahead now: warm, connected, nothing running?"""
+        return (self.warm and self.waiter is None and self.child is None
+                and self.conn is not None and not self.stopping)
+
+    def start_waiter(self):
+        """Start the next clearer ahead: it connects, then waits for its word on a pipe."""
+        reader, self.word_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.waiter = self.spawn_clearer("--warm", str(reader), pass_fds=(reader,))
+        except OSError as e:
+            self.lose_waiter("cannot start a waiting clearer: %s" % e)
+        else:
+            log.debug("started waiting clearer pid %d", self.waiter.pid)
+        finally:
+            os.close(reader)
+
+    def give_word(self):
+        """Hand the run to the waiting clearer; False if it is gone."""
+        waiter, self.waiter = self.waiter, None
+        try:
+            os.write(self.word_fd, b"!")
+        except OSError:
+            self.waiter = waiter        # dead: reap_clearer says so
+            self.dismiss_waiter()
+            return False
+        finally:
+            os.close(self.word_fd)
+            self.word_fd = None
+        self.child = waiter
+        log.debug("clearer pid %d started: word given to the waiting clearer", waiter.pid)
+        return True
+
+    def dismiss_waiter(self):
+        """Send the waiting clearer away; reap_clearer collects it."""
+        if self.word_fd is not None:
+            os.close(self.word_fd)      # end of file: it exits without a run
+            self.word_fd = None
+        if self.waiter is not None and self.waiter.returncode is None:
+            self.waiter.terminate()     # even while it connects: it holds nothing yet
+
+    def lose_waiter(self, reason):
+        """A waiting clearer died or never started: replace it later, backing off."""
+        self.waiter = None
+        if self.word_fd is not None:
+            os.close(self.word_fd)
+            self.word_fd = None
+        self.waiter_failures += 1
+        delay = backoff(self.waiter_failures, RUN_BACKOFF)
+        self.next_waiter = time.monotonic() + delay
+        log.error("%s; a new one in %.1f s, cold starts meanwhile", reason, delay)
+
     def reap_clearer(self):
-        """Collect a finished clearer; kill one that has run far too long."""
+        """Collect a finished clearer or waiter; kill a clearer that has run far too long."""
+        if self.waiter is not None and self.waiter.poll() is not None:
+            code = self.waiter.returncode
+            if self.stopping:
+                log.debug("waiting clearer pid %d gone", self.waiter.pid)
+                self.waiter = None
+            else:
+                self.lose_waiter("lost the waiting clearer (pid %d, exit %s)" % (
+                    self.waiter.pid, code if code >= 0 else "signal %d" % -code))
         if self.child is None:
             return
         code = self.child.poll()
@@ -339,6 +419,7 @@ class Listener:
             return
         log.debug("clearer pid %d done", pid)
         self.run_failures = 0
+        self.waiter_failures = 0
         notified = self.poll_notifications()
         if self.conn is not None and not self.stopping:
             # Rows may have come due or been queued while it ran (its own
