@@ -1404,6 +1404,111 @@ def test_burst_is_cleared_with_far_fewer_runs(db, cache, daemon):
     d.assert_runs_never_overlapped()
 
 
+# ------------------------------------------------------- the warm clearer
+
+def waiting_clearer(d, count=1):
+    """The pid of the count-th waiting clearer the daemon started, once it is connected."""
+    d.wait_log(r"started waiting clearer pid \d+", count)
+    pid = int(re.findall(r"started waiting clearer pid (\d+)", d.log())[count - 1])
+    return pid
+
+
+def warm_backends(dsn):
+    """Pids of the backends of waiting (warm) clearers."""
+    return backends(dsn, "clear_cache.py (warm)")
+
+
+def alive(pid):
+    """Is process pid running (not a zombie)?"""
+    try:
+        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_change_is_cleared_by_the_clearer_started_ahead(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "600", "--again-after", "0")
+    d.wait_ready()
+    pid = waiting_clearer(d)
+    wait_for(lambda: warm_backends(db), what="the waiting clearer's connection")
+    assert clearer_children(d.proc.pid) == [pid]
+    argv = Path("/proc/%d/cmdline" % pid).read_bytes().split(b"\0")
+    assert b"--warm" in argv
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    wait_for(lambda: not page.exists(), what="the change to be cleared")
+    d.wait_log(r"clearer pid %d started: word given to the waiting clearer" % pid)
+    d.wait_log(r"clearer pid %d done" % pid)
+    waiting_clearer(d, 2)       # and the next one waits
+
+
+def test_a_killed_waiting_clearer_is_replaced_and_nothing_is_lost(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "600", "--again-after", "0")
+    d.wait_ready()
+    pid = waiting_clearer(d)
+    os.kill(pid, signal.SIGKILL)
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")     # while there is no waiting clearer: a cold one clears it
+    wait_for(lambda: not page.exists(), what="the change to be cleared")
+    d.wait_log(r"lost the waiting clearer \(pid %d, exit signal 9\)" % pid)
+    new = waiting_clearer(d, 2)
+    assert new != pid and alive(new)
+    wait_for(lambda: queued(db) == [], what="the queue to drain")
+
+
+def test_a_waiting_clearer_whose_backend_died_connects_again(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "600", "--again-after", "0")
+    d.wait_ready()
+    pid = waiting_clearer(d)
+    backend = wait_for(lambda: warm_backends(db), what="the waiting clearer's connection")
+    sql(db, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (backend,))
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    wait_for(lambda: not page.exists(), what="the change to be cleared")
+    d.wait_log(r"clearer pid %d done" % pid)        # exit 0
+    assert "exited with" not in d.log()
+
+
+def test_a_waiting_clearer_leaves_when_its_daemon_is_killed(db, cache, daemon):
+    d = daemon(cache, "--heartbeat", "2")
+    d.wait_ready()
+    pid = waiting_clearer(d)
+    d.proc.kill()
+    d.proc.wait()
+    wait_for(lambda: not alive(pid), timeout=2 + 5, what="the orphaned waiting clearer to exit")
+    assert not warm_backends(db) or wait_for(lambda: not warm_backends(db))
+
+
+def test_no_warm_keeps_no_clearer_while_idle(db, cache, daemon):
+    add_ports(db, "www/a")
+    for args, env in ((["--no-warm"], None), ([], {"CLEAR_CACHE_WARM": "0"})):
+        d = daemon(cache, "--heartbeat", "600", "--again-after", "0", *args, env=env)
+        d.wait_ready()
+        page = make_page(cache, "www/a")
+        touch_port(db, "www/a")
+        wait_for(lambda: not page.exists(), what="the change to be cleared")
+        d.wait_log(r"queue: nothing due", 2)
+        d.wait_idle()
+        assert clearer_children(d.proc.pid) == []
+        assert "waiting clearer" not in d.log() and not warm_backends(db)
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+
+
+def test_sigterm_sends_the_waiting_clearer_away_too(db, cache, daemon):
+    d = daemon(cache)
+    d.wait_ready()
+    pid = waiting_clearer(d)
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+    assert not alive(pid)
+    wait_for(lambda: not warm_backends(db), what="its connection to close")
+
+
+
 # ------------------------------------------- reliability (make reliability)
 #
 # These push hard and record their figures in reliability.json, which
