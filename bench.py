@@ -14,6 +14,7 @@ measures named, BENCH_LATENCY_CHANGES=10 takes fewer latency samples.
 """
 
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import psycopg2
 
-from test_listen import (CLEAR, Daemon, create_database, drop_database, find_admin_dsn,
-                         make_page, sql, wait_for)
+from test_listen import (CLEAR, Daemon, clearer_children, create_database, drop_database,
+                         find_admin_dsn, make_page, sql, wait_for)
 
 LATENCY_CHANGES = int(os.environ.get('BENCH_LATENCY_CHANGES', 40))
 LATENCY_SPACING = 1.05      # seconds between isolated changes: no burst logic applies
@@ -89,40 +90,123 @@ def spawn_floor(db):
     return (time.perf_counter() - start) * 1000
 
 
+INPROCESS = r"""
+import os, select, sys, psycopg2
+dsn, cache = sys.argv[1:3]
+listen = psycopg2.connect(dsn)
+listen.autocommit = True
+listen.cursor().execute("LISTEN clear_ports_cache")
+work = psycopg2.connect(dsn)
+work.set_session(isolation_level="SERIALIZABLE")
+root = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
+print("listening", file=sys.stderr, flush=True)
+while True:
+    select.select([listen], [], [])
+    listen.poll()
+    if not listen.notifies:
+        continue
+    listen.notifies.clear()
+    with work, work.cursor() as cur:
+        cur.execute("SELECT DISTINCT category, port FROM ports_cache_clearing"
+                    " WHERE due_at <= now()")
+        for category, port in cur.fetchall():
+            try:
+                fd = os.open(category + "/" + port, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)
+            except FileNotFoundError:
+                continue
+            for name in os.listdir(fd):
+                os.unlink(name, dir_fd=fd)
+            os.close(fd)
+        cur.execute("DELETE FROM ports_cache_clearing WHERE due_at <= now()")
+"""
+
+
+class InProcess(Daemon):
+    """The floor of any design: a minimal listener that clears in its own process."""
+
+    def __init__(self, work, dsn, cache):
+        self.log_path = work / "inprocess.log"
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-c", INPROCESS, dsn, str(cache)],
+                                     stdin=subprocess.DEVNULL, stderr=self.log_file)
+
+    def wait_ready(self, timeout=15.0):
+        self.wait_log("listening", timeout=timeout)
+
+
 def measure_latency(db, work):
-    """COMMIT of a one-row UPDATE to its cache file gone, with the daemon running."""
-    cache = work / "cache"
-    names = ["lat/p%d" % i for i in range(LATENCY_CHANGES)]
-    sql(db, "INSERT INTO ports (category, name) SELECT 'lat', 'p' || i"
-        " FROM generate_series(0, %s) AS i", (LATENCY_CHANGES - 1,))
-    daemon = Daemon(work, db, cache)
+    """COMMIT of a one-row UPDATE to its cache file gone: in-process, warm and cold."""
+    floors, samples, idle = [], {}, None
+    variants = [("in-process reference", lambda cache: InProcess(work, db, cache)),
+                ("warm clearer (default)", lambda cache: Daemon(work, db, cache)),
+                ("cold clearer (--no-warm)", lambda cache: Daemon(work, db, cache, "--no-warm"))]
+    for i, (variant, start) in enumerate(variants):
+        cache = work / ("cache%d" % i)
+        cache.mkdir()
+        warm = i == 1
+        samples[variant], cost = latencies(db, cache, "lat%d" % i, start, floors, warm)
+        idle = cost or idle
+    floor = statistics.median(floors)
+    p50 = {v: statistics.median(s) for v, s in samples.items()}
+    worst = {v: max(s) for v, s in samples.items()}
+    reference, warm, cold = (v for v, _ in variants)
+    rows = [info("spawn floor (python, import psycopg2, connect), median of %d" % len(floors),
+                 "%.1f ms" % floor)]
+    rows += [info("latency, %s: p50 / max of %d" % (v, len(samples[v])),
+                  "%.1f ms / %.1f ms" % (p50[v], worst[v])) for v in (reference, cold)]
+    rows += [check("latency, warm clearer: p50, against in-process p50 + 3 ms", p50[warm],
+                   p50[reference] + 3, " ms"),
+             check("latency, warm clearer: p50, against 0.15 x spawn floor", p50[warm],
+                   0.15 * floor, " ms"),
+             check("latency, warm clearer: max of %d, against 0.5 x spawn floor"
+                   % len(samples[warm]), worst[warm], 0.5 * floor, " ms"),
+             check("idle: the waiting clearer's RSS", idle["rss"], 30, " MB"),
+             check("idle: server connections beyond the daemon's", idle["connections"], 1, "",
+                   "%d")]
+    return rows
+
+
+def latencies(db, cache, category, start, floors, warm):
+    """Milliseconds from COMMIT to page gone for isolated changes, and the idle cost."""
+    sql(db, "INSERT INTO ports (category, name) SELECT %s, 'p' || i"
+        " FROM generate_series(0, %s) AS i", (category, LATENCY_CHANGES - 1))
+    sql(db, "DELETE FROM ports_cache_clearing")
+    daemon = start(cache)
     try:
         daemon.wait_ready()
+        idle = idle_cost(db, daemon) if warm else None
         conn = psycopg2.connect(db)
-        latencies, floors = [], []
-        for name in names:
-            # The floor is sampled between changes, so that both see the same machine.
+        latencies = []
+        for i in range(LATENCY_CHANGES):
+            # The floor is sampled between changes, so that all see the same machine.
             paced = time.perf_counter() + LATENCY_SPACING
             floors.append(spawn_floor(db))
             time.sleep(max(0.0, paced - time.perf_counter()))  # pacing, not synchronisation
-            page = make_page(cache, name)
+            page = make_page(cache, "%s/p%d" % (category, i))
             with conn, conn.cursor() as cur:
-                cur.execute("UPDATE ports SET version = 'x' WHERE category = 'lat'"
-                            " AND name = %s", (name.split("/")[1],))
+                cur.execute("UPDATE ports SET version = 'x' WHERE category = %s"
+                            " AND name = %s", (category, "p%d" % i))
             committed = time.perf_counter()
             while page.exists():
-                time.sleep(0.0005)
+                time.sleep(0.0002)
             latencies.append((time.perf_counter() - committed) * 1000)
         conn.close()
     finally:
         daemon.kill()
-    floor = statistics.median(floors)
-    p50, worst = statistics.median(latencies), max(latencies)
-    return [info("spawn floor (python, import psycopg2, connect), median of %d" % len(floors),
-                 "%.1f ms" % floor),
-            check("latency of an isolated change, p50 of %d" % LATENCY_CHANGES,
-                  p50, floor + 15, " ms"),
-            check("latency of an isolated change, max", worst, 2 * floor + 25, " ms")]
+    return latencies, idle
+
+
+def idle_cost(db, daemon):
+    """The waiting clearer's RSS in MB, and the server connections beside the daemon's."""
+    children = wait_for(lambda: clearer_children(daemon.proc.pid), what="a waiting clearer")
+    wait_for(lambda: sql(db, "SELECT count(*) FROM pg_stat_activity WHERE"
+                         " application_name = 'clear_cache.py (warm)'")[0][0],
+             what="the waiting clearer's connection")
+    status = Path("/proc/%d/status" % children[0]).read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    connections = sql(db, "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                      " current_database() AND application_name LIKE 'clear_cache.py%%'")[0][0]
+    return {"rss": rss, "connections": connections}
 
 
 def cpu_seconds(pid):

@@ -46,6 +46,8 @@ GLOB = re.compile(r"[*?[]")
 MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
                  " WHERE f.c = q.category AND f.p = q.port)")
 DUE = "due_at <= now()"     # now() is the transaction's start: the snapshot's time
+SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
+              + DUE)
 UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")    # a slash, or a control character
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
@@ -383,8 +385,16 @@ def wait_for_word(fd, config):
     conn = None
     try:
         conn = connect(config.dsn, fallback_application_name=WARM_NAME)
-    except psycopg2.OperationalError as e:
-        log.debug("cannot connect ahead: %s; connecting after the word", one_line(e))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            # A new backend plans its first query slowly while it fills its
+            # caches (1.5 ms here): let it do that now.  No snapshot stays.
+            cur.execute("EXPLAIN " + SELECT_DUE)
+    except psycopg2.Error as e:
+        log.debug("cannot prepare ahead: %s", one_line(e))
+        if conn is not None and e.pgcode is None:
+            conn.close()
+            conn = None     # connect again after the word
     while True:
         readable, _, _ = select.select([fd] + ([conn] if conn else []), [], [])
         if fd in readable:
@@ -408,34 +418,48 @@ def flush_queue(dsn, clearer, again_after, conn=None):
     conn, if given, was opened before the run was asked for; should it turn
     out to be dead, the run connects again.
     """
-    ahead, conn = conn is not None, conn or connect(dsn)
+    ahead = conn is not None
     try:
-        conn.set_session(isolation_level="SERIALIZABLE")
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                with conn, conn.cursor() as cur:
-                    return clear_snapshot(cur, clearer, again_after)
+                conn = conn or connect(dsn)
+                # clear_snapshot sends BEGIN with its first query: one round
+                # trip less on the way from a change to its page gone.
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    try:
+                        return clear_snapshot(cur, clearer, again_after)
+                    except BaseException:
+                        roll_back(cur)
+                        raise
             except psycopg2.Error as e:
                 if ahead and e.pgcode is None and attempt == 1:
                     # It died unseen while we waited (no word from the server).
                     log.info("connecting again: %s", one_line(e))
                     conn.close()
-                    conn = connect(dsn)
-                    conn.set_session(isolation_level="SERIALIZABLE")
+                    conn = None
                     continue
                 if e.pgcode not in RETRYABLE or attempt == ATTEMPTS:
                     raise
                 log.warning("retrying after %s (attempt %d)", db_error(e), attempt)
                 time.sleep(0.05 * attempt)
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
+
+
+def roll_back(cur):
+    """End a failed transaction, if the connection still can."""
+    try:
+        cur.execute("ROLLBACK")
+    except psycopg2.Error:
+        pass
 
 
 def clear_snapshot(cur, clearer, again_after):
     """Clear the ports due in this transaction's snapshot, delete their rows, queue re-clears."""
     # Deduplicate in the database: a backlog can hold a million rows.
-    cur.execute("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
-                + DUE)
+    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; " + SELECT_DUE)
     changed = {}    # (category, port) -> queued by a change, not only by a re-clear
     for category, port, reclear in cur:
         changed[category, port] = changed.get((category, port), False) or not reclear
@@ -453,13 +477,12 @@ def clear_snapshot(cur, clearer, again_after):
             del changed[pair], ports[pair]
     if clearer.dry_run:
         failed = clearer.clear_ports(ports)
-        cur.connection.rollback()
+        cur.execute("ROLLBACK")
         return 0, failed
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
     # committed after it started stays queued for the next run.  Nothing is
     # committed before the files are gone, so the server may update the
     # queue while we delete the files.
-    cur.execute("SAVEPOINT snapshot_read")
     updating = InThread(update_queue, cur.connection, changed, again_after)
     try:
         failed = clearer.clear_ports(ports)
@@ -467,19 +490,26 @@ def clear_snapshot(cur, clearer, again_after):
         updating.join()         # the connection is free again only then
     rows = updating.result()
     if failed:
-        cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
         rows = update_queue(cur.connection, changed, again_after, failed)
+    cur.execute("COMMIT")
     return rows, failed
 
 
 def update_queue(conn, changed, again_after, failed=()):
-    """Delete the due rows but the failed ports', queue re-clears; return rows deleted."""
+    """Delete the due rows but the failed ports', queue re-clears; return rows deleted.
+
+    Without failed ports it sets the savepoint that undoes it all should a
+    port fail; with them it goes back to that savepoint first.
+    """
     with conn.cursor() as cur:
         if failed:
-            cur.execute("DELETE FROM ports_cache_clearing q WHERE " + DUE +
-                        " AND NOT EXISTS " + MATCHING_PAIR, pair_arrays(failed))
+            cur.execute("ROLLBACK TO SAVEPOINT snapshot_read; DELETE FROM"
+                        " ports_cache_clearing q WHERE " + DUE + " AND NOT EXISTS "
+                        + MATCHING_PAIR, pair_arrays(failed))
         else:
-            cur.execute("DELETE FROM ports_cache_clearing WHERE " + DUE)
+            # One round trip: this is on the way from a change to its page gone.
+            cur.execute("SAVEPOINT snapshot_read; DELETE FROM ports_cache_clearing WHERE "
+                        + DUE)
         rows = cur.rowcount
         # A render that read the database before the change committed may
         # write its page after we delete it: clear once more, later.

@@ -46,6 +46,7 @@ LOOK_QUERY = ("SELECT EXTRACT(epoch FROM min(due_at) - now())::float8"
 DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
 LOCK_NOT_AVAILABLE = psycopg2.errorcodes.LOCK_NOT_AVAILABLE
+LATER = "later"         # the payload of a notification about rows due later only
 VERBOSITY_FLAGS = {clear_cache.WARNING: ["-q"], clear_cache.INFO: [],
                    clear_cache.DEBUG: ["-v"]}
 
@@ -197,26 +198,29 @@ class Listener:
         # leave them in the socket and drain them in one go when it starts.
         idle = self.conn is not None and self.idle()
         readable, _, _ = select.select([self.wakeup] + [self.conn] * idle, [], [], timeout)
-        if self.conn in readable and self.poll_notifications():
-            self.look_at = 0.0
+        news = self.conn in readable and self.poll_notifications()
+        if news and news != {LATER}:
+            self.pending = True         # rows due now: no need to look first
+        elif news:
+            self.look_at = 0.0          # rows due later: set the timer
 
     def idle(self):
         """No clearer runs or waits to run."""
         return self.child is None and not self.pending
 
     def poll_notifications(self):
-        """Read what the server sent; True if it held notifications, now consumed."""
+        """Read what the server sent; return the payloads of its notifications, now consumed."""
         if self.conn is None:
-            return False
+            return set()
         try:
             self.conn.poll()
         except psycopg2.Error as e:
             self.drop_connection(clear_cache.one_line(e))
-            return False
+            return set()
         self.last_heard = time.monotonic()
-        notified = bool(self.conn.notifies)
+        payloads = {n.payload for n in self.conn.notifies}
         self.conn.notifies.clear()
-        return notified
+        return payloads
 
     def reconnect(self):
         """Connect, LISTEN, and look at the queue; on failure, back off."""
@@ -420,7 +424,7 @@ class Listener:
         log.debug("clearer pid %d done", pid)
         self.run_failures = 0
         self.waiter_failures = 0
-        notified = self.poll_notifications()
+        notified = bool(self.poll_notifications())
         if self.conn is not None and not self.stopping:
             # Rows may have come due or been queued while it ran (its own
             # re-clears too); changes that kept coming call for a pause.

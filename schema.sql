@@ -19,11 +19,15 @@ CREATE TABLE IF NOT EXISTS ports (
 -- while a clearer holds an older row for the same port must not be dropped.
 -- The clearer deduplicates when it reads.
 CREATE TABLE IF NOT EXISTS ports_cache_clearing (
-    id        bigserial PRIMARY KEY,
+    id        bigserial,
     category  text NOT NULL,
     port      text NOT NULL,
     queued_at timestamptz NOT NULL DEFAULT now()
 );
+-- Ids name rows in messages; the sequence keeps them unique.  No index: the
+-- clearer reads the whole due queue anyway, and a primary key was more than
+-- half of what the trigger cost an UPDATE of ports.
+ALTER TABLE ports_cache_clearing DROP CONSTRAINT IF EXISTS ports_cache_clearing_pkey;
 -- A row is due once due_at has passed; any program may queue a clear for
 -- later.  reclear marks the second clear that follows a change, for renders
 -- that raced the first: clearing it queues nothing.  Added here so that an
@@ -57,14 +61,18 @@ END
 $$;
 
 -- Whoever inserts into the queue wakes the daemon: the trigger above, a
--- clear queued for later, the clearer's own re-clears.  No payload, so that
--- a transaction's notifications fold into one.  A statement that inserted
--- no rows wakes nobody.
+-- clear queued for later, the clearer's own re-clears.  Rows due now notify
+-- with no payload, so that a transaction's notifications fold into one and
+-- the daemon starts a run at once; rows due later only with 'later', on
+-- which it looks when they fall due.  A statement that inserted no rows
+-- wakes nobody.
 CREATE OR REPLACE FUNCTION ports_cache_clearing_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT FROM inserted) THEN
+    IF EXISTS (SELECT FROM inserted WHERE due_at <= now()) THEN
         NOTIFY clear_ports_cache;
+    ELSIF EXISTS (SELECT FROM inserted) THEN
+        NOTIFY clear_ports_cache, 'later';
     END IF;
     RETURN NULL;
 END

@@ -562,6 +562,11 @@ def test_any_insert_into_the_queue_notifies_and_an_empty_one_does_not(db):
     sql(db, "INSERT INTO ports_cache_clearing (category, port, due_at)"
         " VALUES ('www', 'nginx', now() + interval '10 days')")
     notes = wait_for(listening.received, what="the INSERT's notification")
+    assert [(n.channel, n.payload) for n in notes] == [("clear_ports_cache", "later")]
+    listening.conn.notifies.clear()
+    sql(db, "INSERT INTO ports_cache_clearing (category, port, due_at)"
+        " VALUES ('www', 'a', now() + interval '1 h'), ('www', 'b', now())")
+    notes = wait_for(listening.received, what="the INSERT's notification")
     assert [(n.channel, n.payload) for n in notes] == [("clear_ports_cache", "")]
 
 
