@@ -33,7 +33,7 @@ LATENCY_CHANGES = int(os.environ.get('BENCH_LATENCY_CHANGES', 40))
 LATENCY_SPACING = 1.05      # seconds between isolated changes: no burst logic applies
 BURST_WRITERS, BURST_COMMITS, BURST_PORTS = 4, 2500, 1000
 BACKLOG_ROWS, BACKLOG_PORTS, BACKLOG_CATEGORIES = 1_000_000, 30_000, 30
-TRIGGER_ROWS, TRIGGER_REPEATS = 30_000, 5
+TRIGGER_ROWS, TRIGGER_REPEATS = 30_000, 15
 
 
 def main():
@@ -216,17 +216,39 @@ def cpu_seconds(pid):
 
 
 def measure_burst(db, work):
-    """4 writers commit 2,500 one-row UPDATEs each over 1,000 cached ports."""
-    cache = work / "cache"
-    names = ["burst/p%d" % i for i in range(BURST_PORTS)]
-    sql(db, "INSERT INTO ports (category, name) SELECT 'burst', 'p' || i"
-        " FROM generate_series(0, %s) AS i", (BURST_PORTS - 1,))
+    """4 writers commit 2,500 one-row UPDATEs each over 1,000 cached ports: warm, then cold."""
+    warm = burst(db, work / "cache", "warm")
+    cold_cache = work / "cold"
+    cold_cache.mkdir()
+    cold = burst(db, cold_cache, "cold", "--no-warm")
+    rows = [info("burst: writers' wall time for %d commits, warm / cold"
+                 % (BURST_WRITERS * BURST_COMMITS), "%.2f s / %.2f s" % (warm["wall"],
+                                                                       cold["wall"])),
+            info("burst, cold (--no-warm): lag / runs / CPU", "%.2f s / %d / %.1f %%" % (
+                cold["lag"], cold["runs"], cold["cpu"])),
+            info("burst: CPU of its re-clear runs, after it, warm / cold", "%.2f s / %.2f s"
+                 % (warm["reclear_cpu"], cold["reclear_cpu"])),
+            check("burst: lag from last COMMIT to queue empty and files gone", warm["lag"],
+                  0.5, " s", "%.2f"),
+            check("burst: clearer runs started, %d of them re-clears" % warm["reclears"],
+                  warm["runs"], 100, "", "%d"),
+            check("burst: daemon CPU until drained, children included, share of writers'"
+                  " wall", warm["cpu"], 30, " %"),
+            check("burst: CPU, warm against cold + 5 points", warm["cpu"], cold["cpu"] + 5,
+                  " %")]
+    return rows
+
+
+def burst(db, cache, category, *args):
+    """One burst against a daemon started with args; its figures."""
+    names = ["%s/p%d" % (category, i) for i in range(BURST_PORTS)]
+    sql(db, "INSERT INTO ports (category, name) SELECT %s, 'p' || i"
+        " FROM generate_series(0, %s) AS i", (category, BURST_PORTS - 1))
+    sql(db, "DELETE FROM ports_cache_clearing")
     pages = [make_page(cache, name) for name in names]
-    daemon = Daemon(work, db, cache)
+    daemon = Daemon(cache.parent, db, cache, *args)
     try:
         daemon.wait_ready()
-        wait_for(lambda: not any(p.exists() for p in pages), what="the catch-up run")
-        pages = [make_page(cache, name) for name in names]
         runs_before, cpu_before = daemon.runs(), cpu_seconds(daemon.proc.pid)
         last_commits = []
 
@@ -234,9 +256,9 @@ def measure_burst(db, work):
             conn = psycopg2.connect(db)
             with conn.cursor() as cur:
                 for i in range(BURST_COMMITS):
-                    cur.execute("UPDATE ports SET version = %s WHERE category = 'burst'"
-                                " AND name = %s", (str(i), "p%d" % ((i * 7 + w * 251)
-                                                                  % BURST_PORTS)))
+                    cur.execute("UPDATE ports SET version = %s WHERE category = %s"
+                                " AND name = %s", (str(i), category,
+                                                   "p%d" % ((i * 7 + w * 251) % BURST_PORTS)))
                     conn.commit()
             last_commits.append(time.perf_counter())
             conn.close()
@@ -257,23 +279,16 @@ def measure_burst(db, work):
         daemon.wait_idle()
         runs = daemon.runs() - runs_before
         cpu = cpu_seconds(daemon.proc.pid) - cpu_before
-        # The re-clears fall due after the burst; they are part of its cost.
+        # The re-clears fall due after the burst: counted, and their CPU shown apart.
         wait_for(lambda: sql(db, "SELECT count(*) FROM ports_cache_clearing")[0][0] == 0,
                  timeout=120, what="the burst's re-clears")
         daemon.wait_idle()
-        reclear_runs = daemon.runs() - runs_before - runs
-        runs += reclear_runs
-        cpu = cpu_seconds(daemon.proc.pid) - cpu_before
+        reclears = daemon.runs() - runs_before - runs
+        reclear_cpu = cpu_seconds(daemon.proc.pid) - cpu_before - cpu
     finally:
         daemon.kill()
-    return [info("burst: writers' wall time for %d commits" % (BURST_WRITERS * BURST_COMMITS),
-                 "%.2f s" % wall),
-            check("burst: lag from last COMMIT to queue empty and files gone", lag, 0.5, " s",
-                  "%.2f"),
-            check("burst: clearer runs started, %d of them re-clears" % reclear_runs, runs,
-                  100, "", "%d"),
-            check("burst: daemon CPU, children included, share of writers' wall",
-                  100 * cpu / wall, 30, " %")]
+    return {"wall": wall, "lag": lag, "runs": runs + reclears, "reclears": reclears,
+            "cpu": 100 * cpu / wall, "reclear_cpu": reclear_cpu}
 
 
 def measure_backlog(db, work):
@@ -328,24 +343,31 @@ def clear_backlog(db, cache, templates):
 def make_backlog_pages(cache, templates):
     """One fresh page for each of the backlog's ports and templates."""
     per_category = BACKLOG_PORTS // BACKLOG_CATEGORIES
-    for c in range(BACKLOG_CATEGORIES):
-        for p in range(per_category):
-            for template in templates:
-                name = template.format(category="c%d" % c, port="p%d" % (c * per_category + p))
-                make_page(cache, os.path.dirname(name))
+    directories = {os.path.dirname(template.format(category="c%d" % c,
+                                                   port="p%d" % (c * per_category + p)))
+                   for c in range(BACKLOG_CATEGORIES) for p in range(per_category)
+                   for template in templates}
+    for directory in sorted(directories):
+        make_page(cache, directory)
 
 
 def measure_trigger(db, work):
-    """UPDATE of 30,000 rows with the trigger and without it, median of 5 each."""
+    """UPDATE and COMMIT of 30,000 rows with the triggers and without, in alternating order."""
     sql(db, "INSERT INTO ports (category, name, version) SELECT 'c' || i / 1000, 'p' || i,"
         " '0' FROM generate_series(1, %s) AS i", (TRIGGER_ROWS,))
     conn = psycopg2.connect(db)
     conn.autocommit = True
     cur = conn.cursor()
+    # Autovacuum starting in the middle of one sample and not the other made
+    # single samples swing by a third; VACUUM before each sample does its work.
+    for table in ("ports", "ports_cache_clearing"):
+        cur.execute("ALTER TABLE %s SET (autovacuum_enabled = false)" % table)
+    cur.execute("CHECKPOINT")
     timings = {"with": [], "without": []}
     added = None
     for repeat in range(TRIGGER_REPEATS):
-        for mode in timings:
+        order = ["with", "without"] if repeat % 2 == 0 else ["without", "with"]
+        for mode in order:
             cur.execute("TRUNCATE ports_cache_clearing")
             cur.execute("VACUUM ports")
             cur.execute("ALTER TABLE ports %s TRIGGER USER"
@@ -353,7 +375,7 @@ def measure_trigger(db, work):
             start = time.perf_counter()
             cur.execute("BEGIN")
             cur.execute("UPDATE ports SET version = %s", ("v%d" % repeat,))
-            cur.execute("COMMIT")
+            cur.execute("COMMIT")       # what a writer pays: the UPDATE and its COMMIT
             timings[mode].append(time.perf_counter() - start)
             if mode == "with":
                 cur.execute("SELECT count(*) FROM ports_cache_clearing")
@@ -361,8 +383,8 @@ def measure_trigger(db, work):
     cur.execute("ALTER TABLE ports ENABLE TRIGGER USER")
     conn.close()
     with_, without = (statistics.median(timings[m]) * 1000 for m in ("with", "without"))
-    return [info("trigger: 30k-row UPDATE without / with trigger, median of 5",
-                 "%.0f ms / %.0f ms" % (without, with_)),
+    return [info("trigger: 30k-row UPDATE and COMMIT without / with triggers, median of %d"
+                 % TRIGGER_REPEATS, "%.0f ms / %.0f ms" % (without, with_)),
             check("trigger: cost ratio", with_ / without, 1.35, "", "%.2f"),
             check("trigger: queue rows added by the 30k-row UPDATE", added, TRIGGER_ROWS, "",
                   "%d")]
