@@ -18,6 +18,7 @@ just those ports and leaves the queue alone.  Exit status: 0 all handled,
 import argparse
 import errno
 import fnmatch
+import logging
 import os
 import re
 import select
@@ -50,48 +51,7 @@ SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing
               + DUE)
 UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")    # a slash, or a control character
 
-DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
-LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
-
-
-class Logger:
-    """logging's calls, one line each on stderr, without logging's import.
-
-    A clearer starts for every change, and importing logging alone costs
-    about 10 ms here: most of what the clearer may add to the spawn floor.
-    """
-
-    level = INFO        # for every logger of the process: see setup_logging
-    stamp = True
-
-    def __init__(self, name):
-        self.name = name
-
-    def log(self, level, msg, *args):
-        if level < Logger.level:
-            return
-        line = "%s: %s: %s\n" % (self.name, LEVEL_NAMES[level], msg % args if args else msg)
-        if Logger.stamp:
-            now = time.time()
-            line = "%s,%03d %s" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
-                                   now % 1 * 1000, line)
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def debug(self, msg, *args):
-        self.log(DEBUG, msg, *args)
-
-    def info(self, msg, *args):
-        self.log(INFO, msg, *args)
-
-    def warning(self, msg, *args):
-        self.log(WARNING, msg, *args)
-
-    def error(self, msg, *args):
-        self.log(ERROR, msg, *args)
-
-
-log = Logger("clear_cache")
+log = logging.getLogger("clear_cache")
 
 
 def main(argv=None):
@@ -160,9 +120,7 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors take one line."""
 
     def __init__(self, **kwargs):
-        # A fixed width spares the import of shutil, which would ask the terminal.
-        super().__init__(formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-            prog, width=79), **kwargs)
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
@@ -184,10 +142,10 @@ def add_common_options(parser):
                         " $CLEAR_CACHE_AGAIN_AFTER, then %g)" % DEFAULT_AGAIN_AFTER)
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
-                      const=WARNING, default=INFO,
+                      const=logging.WARNING, default=logging.INFO,
                       help="print only warnings and errors")
     loud.add_argument("-v", "--verbose", dest="verbosity", action="store_const",
-                      const=DEBUG, help="list each port")
+                      const=logging.DEBUG, help="list each port")
 
 
 def seconds(low, strict=False):
@@ -206,8 +164,8 @@ def seconds(low, strict=False):
 
 def setup_logging(level):
     """Set the level of every logger; CLEAR_CACHE_TIMESTAMPS=0 drops the time."""
-    Logger.level = level
-    Logger.stamp = os.environ.get("CLEAR_CACHE_TIMESTAMPS") != "0"
+    stamp = "%(asctime)s " if os.environ.get("CLEAR_CACHE_TIMESTAMPS") != "0" else ""
+    logging.basicConfig(level=level, format=stamp + "%(name)s: %(levelname)s: %(message)s")
 
 
 def load_config(args):

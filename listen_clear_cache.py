@@ -17,6 +17,7 @@ SIGTERM or SIGINT: stop listening, let a running clearer finish, exit 0.
 SIGHUP: run the clearer now.
 """
 
+import logging
 import os
 import random
 import select
@@ -47,10 +48,9 @@ DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
 LOCK_NOT_AVAILABLE = psycopg2.errorcodes.LOCK_NOT_AVAILABLE
 LATER = "later"         # the payload of a notification about rows due later only
-VERBOSITY_FLAGS = {clear_cache.WARNING: ["-q"], clear_cache.INFO: [],
-                   clear_cache.DEBUG: ["-v"]}
+VERBOSITY_FLAGS = {logging.WARNING: ["-q"], logging.INFO: [], logging.DEBUG: ["-v"]}
 
-log = clear_cache.Logger("listen_clear_cache")
+log = logging.getLogger("listen_clear_cache")
 
 
 def main(argv=None):
