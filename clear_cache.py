@@ -583,19 +583,27 @@ class Clearer:
 
     def remove(self, dir_fd, dirs, last, pattern):
         """Unlink the non-directory entries last names; False when one stays."""
-        if pattern:
-            match = re.compile(pattern, re.S).fullmatch
-            with os.scandir(dir_fd) as entries:
-                found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries
-                         if pattern == ".*" or match(e.name)]
-        else:
-            found = [(last, False)]     # unlink says whether it is there, or a directory
+        # Directories are told apart first: unlink(2) of one fails with EISDIR
+        # on Linux but EPERM elsewhere.
+        try:
+            if pattern:
+                match = re.compile(pattern, re.S).fullmatch
+                with os.scandir(dir_fd) as entries:
+                    found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries
+                             if pattern == ".*" or match(e.name)]
+            else:
+                mode = os.stat(last, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                found = [(last, stat.S_ISDIR(mode))]
+        except FileNotFoundError:
+            found = []
+        except OSError as e:
+            log.error("cannot read %s: %s", self.path(*dirs, last), e.strerror)
+            return False
         ok = True
         removed = 0
         for name, is_dir in found:
             try:
-                if is_dir or self.dry_run and stat.S_ISDIR(
-                        os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                if is_dir:
                     raise IsADirectoryError
                 if self.dry_run:
                     print(self.path(*dirs, name))

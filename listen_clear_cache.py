@@ -1,16 +1,17 @@
 """Wait for NOTIFY clear_ports_cache and run clear_cache.py when rows are due.
 
 Holds one autocommit LISTEN connection and sleeps in select().  A
-notification, a (re)connect, the heartbeat, or the time the earliest queued
-row falls due makes it look at the queue; rows due start clear_cache.py as a
-separate process, and rows due later set a timer.  Runs never overlap, and
-notifications that arrive meanwhile fold into one more run, so a burst of
-changes costs a handful of runs.  The queue table is the truth; NOTIFY is
-only a wake-up.
+notification about rows due now starts a run: clear_cache.py, as a separate
+process that was started and connected ahead and waits for its word.  A
+notification about rows due later, a (re)connect, the heartbeat or the end of
+a run make it look at the queue: rows due start a run, rows due later set a
+timer.  Runs never overlap, and notifications that arrive meanwhile fold
+into one more run, so a burst of changes costs a handful of runs.  The queue
+table is the truth; NOTIFY is only a wake-up.
 
     listen_clear_cache.py [--dsn DSN] [--cache-dir DIR] [--pages TEMPLATE ...]
                           [--again-after SECONDS] [--channel NAME]
-                          [--heartbeat SECONDS] [-q|-v]
+                          [--heartbeat SECONDS] [--no-warm] [-q|-v]
 
 Stays in the foreground and logs to stderr (daemontools, cron @reboot).
 SIGTERM or SIGINT: stop listening, let a running clearer finish, exit 0.
