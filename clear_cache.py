@@ -49,6 +49,10 @@ MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
 DUE = "due_at <= now()"     # now() is the transaction's start: the snapshot's time
 SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
               + DUE)
+# Sessions that wait on purpose; set_config, since PostgreSQL 13 has no
+# idle_session_timeout.
+NO_IDLE_TIMEOUTS = ("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN"
+                    " ('idle_session_timeout', 'idle_in_transaction_session_timeout')")
 UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")    # a slash, or a control character
 
 log = logging.getLogger("clear_cache")
@@ -347,7 +351,7 @@ def wait_for_word(fd, config):
         with conn.cursor() as cur:
             # A new backend plans its first query slowly while it fills its
             # caches (1.5 ms here): let it do that now.  No snapshot stays.
-            cur.execute("EXPLAIN " + SELECT_DUE)
+            cur.execute(NO_IDLE_TIMEOUTS + "; EXPLAIN " + SELECT_DUE)
     except psycopg2.Error as e:
         log.debug("cannot prepare ahead: %s", one_line(e))
         if conn is not None and e.pgcode is None:

@@ -98,8 +98,11 @@ class Listener:
     def __init__(self, config, channel, heartbeat, flags, warm=True):
         self.dsn = config.dsn
         # A lock held on the queue (an ALTER TABLE, say) is no dead connection.
-        self.listen_sql = 'LISTEN "%s"; SET lock_timeout = %d' % (
-            channel.replace('"', '""'), min(LOCKED_RETRY, heartbeat / 2) * 1000)
+        # A server's idle_session_timeout would close this idle session again
+        # and again; a statement, since PgBouncer refuses the options parameter.
+        self.listen_sql = 'LISTEN "%s"; SET lock_timeout = %d; %s' % (
+            channel.replace('"', '""'), min(LOCKED_RETRY, heartbeat / 2) * 1000,
+            clear_cache.NO_IDLE_TIMEOUTS)
         self.channel = channel
         self.heartbeat = heartbeat
         self.argv = [sys.executable, clear_cache.__file__] + flags
@@ -309,6 +312,11 @@ class Listener:
 
     def drop_connection(self, reason):
         """Log a lost connection and schedule the first reconnect."""
+        # The server says why in a notice (idle-session timeout, administrator
+        # command); libpq's exception says only that the connection closed.
+        said = [n for n in self.conn.notices if "terminating connection" in n]
+        if said:
+            reason = clear_cache.one_line(said[-1].split(":", 1)[-1])
         log.error("connection lost: %s", reason)
         self.close_connection()
         self.next_connect = time.monotonic() + backoff(1, CONNECT_BACKOFF)

@@ -1102,9 +1102,35 @@ def test_daemon_reconnects_after_pg_terminate_backend(db, cache, daemon):
     sql(db, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
     touch_port(db, "www/a")     # committed while the daemon is disconnected
     wait_for(lambda: not page.exists(), what="the change to be cleared after reconnecting")
-    d.wait_log("connection lost")
+    # The server's own reason, not libpq's "server closed the connection".
+    d.wait_log("connection lost: terminating connection due to administrator command")
     d.wait_log("listening", 2)
     wait_for(lambda: queued(db) == [], what="the queue to drain")
+
+
+def test_idle_session_timeout_closes_neither_listener_nor_waiting_clearer(db, cache, daemon):
+    add_ports(db, "www/a")
+    sql(db, "ALTER DATABASE %s SET idle_session_timeout = '1s'"
+        % psycopg2.extensions.parse_dsn(db)["dbname"])
+    try:
+        d = daemon(cache, "--heartbeat", "600", "--again-after", "0")
+        d.wait_ready()
+        waiting_clearer(d)
+
+        def idle_for(application, seconds):
+            return sql(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                       " AND state = 'idle' AND state_change < now() - %s * interval '1 s'",
+                       (application, seconds))[0][0] == 1
+        # Three times the server's timeout, and both sessions are still there.
+        wait_for(lambda: idle_for("listen_clear_cache.py", 3), what="an idle listener")
+        wait_for(lambda: idle_for("clear_cache.py (warm)", 3), what="an idle waiter")
+        page = make_page(cache, "www/a")
+        touch_port(db, "www/a")
+        wait_for(lambda: not page.exists(), what="the change to be cleared")
+        assert "connection lost" not in d.log() and d.count("listening") == 1
+    finally:
+        sql(db, "ALTER DATABASE %s RESET idle_session_timeout"
+            % psycopg2.extensions.parse_dsn(db)["dbname"])
 
 
 def test_daemon_retries_the_first_connection_forever(db, cache, daemon):
