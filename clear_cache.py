@@ -19,6 +19,7 @@ import argparse
 import errno
 import fnmatch
 import logging
+import math
 import os
 import re
 import select
@@ -46,9 +47,13 @@ GLOB = re.compile(r"[*?[]")
 # A queue row q whose (category, port) is among two parallel arrays.
 MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
                  " WHERE f.c = q.category AND f.p = q.port)")
-DUE = "due_at <= now()"     # now() is the transaction's start: the snapshot's time
+# This consumer's due rows; now() is the transaction's start, the snapshot's time.
+DUE = "consumer = %s AND due_at <= now()"
 SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
               + DUE)
+# True when names are registered, and %s is not among them.
+UNREGISTERED = ("(EXISTS (SELECT FROM cache_consumers)"
+                " AND NOT EXISTS (SELECT FROM cache_consumers WHERE name = %s))")
 # Sessions that wait on purpose; set_config, since PostgreSQL 13 has no
 # idle_session_timeout.
 NO_IDLE_TIMEOUTS = ("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN"
@@ -65,6 +70,10 @@ def main(argv=None):
                         help="print what would be removed, change nothing")
     parser.add_argument("ports", nargs="*", metavar="CATEGORY/PORT",
                         help="clear just these ports; the queue is not read")
+    parser.add_argument("--give-up-after", metavar="SECONDS", type=seconds(0, strict=True),
+                        help="give up, exit 1, if the server has not answered the first"
+                        " statement this long after the start, or a lock is not granted"
+                        " in as long (default: $CLEAR_CACHE_GIVE_UP_AFTER, then 30)")
     parser.add_argument("--warm", metavar="FD", type=int, help="how the daemon starts"
                         " its waiting clearer: connect, then wait for a byte on file"
                         " descriptor FD before the run; end of file: exit 0, no run")
@@ -77,9 +86,15 @@ def main(argv=None):
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    try:
+        give_up = args.give_up_after or seconds(0, strict=True)(
+            os.environ.get("CLEAR_CACHE_GIVE_UP_AFTER") or "30")
+    except argparse.ArgumentTypeError as e:
+        log.error("CLEAR_CACHE_GIVE_UP_AFTER: %s", e)
+        return 2
     conn = None
     if args.warm is not None:
-        conn = wait_for_word(args.warm, config)
+        conn = wait_for_word(args.warm, config, give_up)
         if conn is False:
             return 0        # the daemon is gone: nobody wants this run
     started = time.monotonic()
@@ -89,10 +104,13 @@ def main(argv=None):
         rows = 0
     else:
         try:
-            rows, failed = flush_queue(config.dsn, clearer, config.again_after, conn)
+            rows, failed = flush_queue(config, clearer, give_up, conn)
         except psycopg2.Error as e:
             log.error("database error: %s", db_error(e))
             return 1
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
     log.info("%scleared %d ports, deleted %d rows, removed %d files%s in %d ms",
              "dry run: " if args.dry_run else "", clearer.ports, rows,
              clearer.files, ", %d ports left queued" % len(failed) if failed else "",
@@ -107,17 +125,19 @@ class ConfigError(Exception):
 class Config:
     """What both scripts are told: by option, else by environment, else by default."""
 
-    def __init__(self, dsn, cache_dir, templates, again_after):
+    def __init__(self, dsn, cache_dir, templates, again_after, consumer):
         self.dsn = dsn
         self.cache_dir = cache_dir
         self.templates = templates
         self.again_after = again_after
+        self.consumer = consumer
 
     def environ(self):
         """The environment that hands this configuration to a clearer."""
         return dict(os.environ, CLEAR_CACHE_DSN=self.dsn, CLEAR_CACHE_DIR=self.cache_dir,
                     CLEAR_CACHE_PAGES=" ".join(t.text for t in self.templates),
-                    CLEAR_CACHE_AGAIN_AFTER=repr(self.again_after))
+                    CLEAR_CACHE_AGAIN_AFTER=repr(self.again_after),
+                    CLEAR_CACHE_CONSUMER=self.consumer)
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,6 +164,9 @@ def add_common_options(parser):
                         help="clear a changed port's pages again this much later, for"
                         " renders that raced the clear; 0: never (default:"
                         " $CLEAR_CACHE_AGAIN_AFTER, then %g)" % DEFAULT_AGAIN_AFTER)
+    parser.add_argument("--consumer", metavar="NAME", help="this web server's name in"
+                        " cache_consumers, when several clear their own caches (default:"
+                        " $CLEAR_CACHE_CONSUMER, then '': a single server)")
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
                       const=logging.WARNING, default=logging.INFO,
@@ -190,8 +213,10 @@ def load_config(args):
                                      or str(DEFAULT_AGAIN_AFTER))
         except argparse.ArgumentTypeError as e:
             raise ConfigError("CLEAR_CACHE_AGAIN_AFTER: %s" % e) from None
+    consumer = args.consumer if args.consumer is not None else os.environ.get(
+        "CLEAR_CACHE_CONSUMER", "")
     return Config(dsn, os.path.abspath(cache_dir), [Template(t) for t in pages],
-                  again_after)
+                  again_after, consumer)
 
 
 def open_cache_dir(path):
@@ -338,7 +363,7 @@ def connect(dsn, **params):
     return psycopg2.connect(dsn, **params)
 
 
-def wait_for_word(fd, config):
+def wait_for_word(fd, config, give_up):
     """Connect ahead, then wait for the daemon's word on fd.
 
     Returns the connection (None if it could not be kept: the run connects
@@ -346,12 +371,13 @@ def wait_for_word(fd, config):
     """
     conn = None
     try:
-        conn = connect(config.dsn, fallback_application_name=WARM_NAME)
+        conn = connect(config.dsn, fallback_application_name=WARM_NAME,
+                       connect_timeout=math.ceil(give_up))
         conn.autocommit = True
         with conn.cursor() as cur:
             # A new backend plans its first query slowly while it fills its
             # caches (1.5 ms here): let it do that now.  No snapshot stays.
-            cur.execute(NO_IDLE_TIMEOUTS + "; EXPLAIN " + SELECT_DUE)
+            cur.execute(NO_IDLE_TIMEOUTS + "; EXPLAIN " + SELECT_DUE, [config.consumer])
     except psycopg2.Error as e:
         log.debug("cannot prepare ahead: %s", one_line(e))
         if conn is not None and e.pgcode is None:
@@ -374,23 +400,30 @@ def wait_for_word(fd, config):
             conn = None
 
 
-def flush_queue(dsn, clearer, again_after, conn=None):
+def flush_queue(config, clearer, give_up, conn=None):
     """Clear every due port in one transaction; return (rows deleted, failed ports).
 
     conn, if given, was opened before the run was asked for; should it turn
-    out to be dead, the run connects again.
+    out to be dead, the run connects again.  A server that has not answered
+    the first statement give_up seconds from now makes the process exit 1:
+    a paused pooler, a lock.  Once it has, the run works on to its end.
     """
     ahead = conn is not None
+    deadline = threading.Timer(give_up, give_up_now, [give_up])
+    deadline.daemon = True
+    deadline.start()
     try:
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                conn = conn or connect(dsn)
+                # libpq rounds a connect_timeout under 2 s up to 2: the timer holds.
+                conn = conn or connect(config.dsn, connect_timeout=math.ceil(give_up))
                 # clear_snapshot sends BEGIN with its first query: one round
                 # trip less on the way from a change to its page gone.
                 conn.autocommit = True
                 with conn.cursor() as cur:
                     try:
-                        return clear_snapshot(cur, clearer, again_after)
+                        return clear_snapshot(cur, clearer, config, give_up,
+                                              deadline.cancel)
                     except BaseException:
                         roll_back(cur)
                         raise
@@ -406,8 +439,17 @@ def flush_queue(dsn, clearer, again_after, conn=None):
                 log.warning("retrying after %s (attempt %d)", db_error(e), attempt)
                 time.sleep(0.05 * attempt)
     finally:
+        deadline.cancel()
         if conn is not None:
             conn.close()
+
+
+def give_up_now(seconds):
+    """The deadline's end, in its timer thread: the main one may be stuck in libpq."""
+    log.error("gave up: the server did not answer in %g s (a paused connection pooler?"
+              " a lock?)", seconds)
+    logging.shutdown()
+    os._exit(1)
 
 
 def roll_back(cur):
@@ -418,10 +460,15 @@ def roll_back(cur):
         pass
 
 
-def clear_snapshot(cur, clearer, again_after):
+def clear_snapshot(cur, clearer, config, give_up, answered):
     """Clear the ports due in this transaction's snapshot, delete their rows, queue re-clears."""
     # Deduplicate in the database: a backlog can hold a million rows.
-    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; " + SELECT_DUE)
+    # A lock not granted within give_up fails the run: it is retried later.
+    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s; "
+                + SELECT_DUE, ["%dms" % (give_up * 1000), config.consumer])
+    answered()
+    if not cur.rowcount:
+        check_consumer(cur, config.consumer)
     changed = {}    # (category, port) -> queued by a change, not only by a re-clear
     for category, port, reclear in cur:
         changed[category, port] = changed.get((category, port), False) or not reclear
@@ -431,7 +478,7 @@ def clear_snapshot(cur, clearer, again_after):
         # They can never name a cache entry, so they go with the batch.
         cur.execute("SELECT min(id), count(*), category, port FROM ports_cache_clearing q"
                     " WHERE " + DUE + " AND EXISTS " + MATCHING_PAIR +
-                    " GROUP BY category, port", pair_arrays(unusable))
+                    " GROUP BY category, port", [config.consumer] + pair_arrays(unusable))
         for row in cur:
             log.warning("row %d (%d rows): invalid name %r/%r, %s", *row,
                         "would be deleted" if clearer.dry_run else "deleted unused")
@@ -445,19 +492,19 @@ def clear_snapshot(cur, clearer, again_after):
     # committed after it started stays queued for the next run.  Nothing is
     # committed before the files are gone, so the server may update the
     # queue while we delete the files.
-    updating = InThread(update_queue, cur.connection, changed, again_after)
+    updating = InThread(update_queue, cur.connection, changed, config)
     try:
         failed = clearer.clear_ports(ports)
     finally:
         updating.join()         # the connection is free again only then
     rows = updating.result()
     if failed:
-        rows = update_queue(cur.connection, changed, again_after, failed)
+        rows = update_queue(cur.connection, changed, config, failed)
     cur.execute("COMMIT")
     return rows, failed
 
 
-def update_queue(conn, changed, again_after, failed=()):
+def update_queue(conn, changed, config, failed=()):
     """Delete the due rows but the failed ports', queue re-clears; return rows deleted.
 
     Without failed ports it sets the savepoint that undoes it all should a
@@ -467,23 +514,31 @@ def update_queue(conn, changed, again_after, failed=()):
         if failed:
             cur.execute("ROLLBACK TO SAVEPOINT snapshot_read; DELETE FROM"
                         " ports_cache_clearing q WHERE " + DUE + " AND NOT EXISTS "
-                        + MATCHING_PAIR, pair_arrays(failed))
+                        + MATCHING_PAIR, [config.consumer] + pair_arrays(failed))
         else:
             # One round trip: this is on the way from a change to its page gone.
             cur.execute("SAVEPOINT snapshot_read; DELETE FROM ports_cache_clearing WHERE "
-                        + DUE)
+                        + DUE, [config.consumer])
         rows = cur.rowcount
         # A render that read the database before the change committed may
         # write its page after we delete it: clear once more, later.
         # Re-clears queue nothing, so they never chain.
         skip = set(failed)
         again = [p for p, change in changed.items() if change and p not in skip]
-        if again_after and again:
-            cur.execute("INSERT INTO ports_cache_clearing (category, port, due_at, reclear)"
-                        " SELECT c, p, now() + %s * interval '1 second', true"
+        if config.again_after and again:
+            cur.execute("INSERT INTO ports_cache_clearing (category, port, consumer, due_at,"
+                        " reclear) SELECT c, p, %s, now() + %s * interval '1 second', true"
                         " FROM unnest(%s::text[], %s::text[]) AS f(c, p)",
-                        [again_after] + pair_arrays(again))
+                        [config.consumer, config.again_after] + pair_arrays(again))
     return rows
+
+
+def check_consumer(cur, consumer):
+    """Raise ConfigError if names are registered and consumer is not among them."""
+    cur.execute("SELECT " + UNREGISTERED, [consumer])
+    if cur.fetchone()[0]:
+        raise ConfigError("consumer %r is not registered in cache_consumers, which is not"
+                          " empty: nothing is queued for it" % consumer)
 
 
 def pair_arrays(pairs):

@@ -39,12 +39,18 @@ import clear_cache
 MIN_GAP = 0.25          # seconds between clearer starts, at least
 QUIET = 0.05
 MAX_DELAY = 1.0
-CONNECT_BACKOFF = 0.5, 30.0
+# Capped low, so that a server that is back (a restart, a promotion, a pooler
+# restart) has the daemon listening within 2.5 s; the log stays calm instead.
+CONNECT_BACKOFF = 0.5, 1.6
+CALM = 60.0             # seconds between lines about a trouble that lasts
+UNANNOUNCED_EVERY = 3600.0      # seconds between warnings about lost notifications
 RUN_BACKOFF = 0.5, 60.0
-RUN_LIMIT = 10          # heartbeats a clearer may take before it is killed
+RUN_LIMIT = 3600.0      # seconds a clearer may run before it is killed: a backstop
 # Seconds until the earliest row falls due: <= 0 due now, NULL for none.
-LOOK_QUERY = ("SELECT EXTRACT(epoch FROM min(due_at) - now())::float8"
-              " FROM ports_cache_clearing")
+# Seconds until this consumer's earliest row falls due (<= 0: due now; NULL:
+# none), and whether names are registered without this one.
+LOOK_QUERY = ("SELECT (SELECT EXTRACT(epoch FROM min(due_at) - now())::float8"
+              " FROM ports_cache_clearing WHERE consumer = %s), " + clear_cache.UNREGISTERED)
 DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
 LOCK_NOT_AVAILABLE = psycopg2.errorcodes.LOCK_NOT_AVAILABLE
@@ -88,6 +94,34 @@ def backoff(failures, base_cap):
     return min(cap, base * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
 
 
+class Calm:
+    """A trouble that lasts: its first line, then at most one a minute, then its end."""
+
+    def __init__(self):
+        self.since = None       # wall-clock start, for the log
+        self.started = self.last = 0.0
+        self.times = 0
+
+    def failed(self, text):
+        now = time.monotonic()
+        self.times += 1
+        if self.since is None:
+            self.since, self.started, self.last = time.time(), now, now
+            log.error("%s", text)
+        elif now >= self.last + CALM:
+            self.last = now
+            log.error("%s (failing since %s, %d times)", text,
+                      time.strftime("%H:%M:%S", time.localtime(self.since)), self.times)
+        else:
+            log.debug("%s", text)
+
+    def ended(self, text):
+        if self.since is not None:
+            log.info("%s, after %.1f s and %d failures", text, time.monotonic() - self.started,
+                     self.times)
+            self.since, self.times = None, 0
+
+
 class Unanswered(Exception):
     """The server did not answer within a heartbeat."""
 
@@ -107,10 +141,16 @@ class Listener:
         self.heartbeat = heartbeat
         self.argv = [sys.executable, clear_cache.__file__] + flags
         # Secrets go through the environment: argv is visible to ps.
-        self.env = config.environ()
+        self.env = dict(config.environ(), CLEAR_CACHE_GIVE_UP_AFTER=repr(heartbeat))
         self.conn = None
         self.look_at = float("inf")     # monotonic time of the next look at the queue
+        self.consumer = config.consumer
+        self.multihost = "," in (psycopg2.extensions.parse_dsn(config.dsn).get("host") or "")
         self.connect_failures = 0
+        self.outage = Calm()            # the connection's troubles
+        self.unregistered = Calm()      # this consumer missing from cache_consumers
+        self.unannounced = 0            # heartbeats that found due rows nobody announced
+        self.warned_unannounced = -UNANNOUNCED_EVERY
         self.next_connect = 0.0         # monotonic time of the next attempt
         self.last_heard = 0.0           # last sign of life from the server
         self.child = None
@@ -145,7 +185,8 @@ class Listener:
                 self.check_connection()
             elif self.conn is not None and now >= self.look_at and self.idle():
                 self.look_at_queue()
-            elif self.pending and self.child is None and now >= self.next_start:
+            elif (self.pending and self.child is None and self.conn is not None
+                  and now >= self.next_start):
                 self.start_clearer()
             elif self.wants_waiter() and now >= self.next_waiter:
                 self.start_waiter()
@@ -190,7 +231,7 @@ class Listener:
         if not self.stopping:
             deadlines.append(self.next_connect if self.conn is None
                              else self.last_heard + self.heartbeat)
-            if self.pending and self.child is None:
+            if self.pending and self.child is None and self.conn is not None:
                 deadlines.append(self.next_start)
             if self.conn is not None and self.idle():
                 deadlines.append(self.look_at)
@@ -202,11 +243,19 @@ class Listener:
         # leave them in the socket and drain them in one go when it starts.
         idle = self.conn is not None and self.idle()
         readable, _, _ = select.select([self.wakeup] + [self.conn] * idle, [], [], timeout)
-        news = self.conn in readable and self.poll_notifications()
-        if news and news != {LATER}:
+        news = self.conn in readable and self.news(self.poll_notifications())
+        if news == "due":
             self.pending = True         # rows due now: no need to look first
         elif news:
-            self.look_at = 0.0          # rows due later: set the timer
+            self.look_at = 0.0          # rows due later, perhaps: set the timer
+
+    def news(self, payloads):
+        """What notifications mean to this consumer: "due", "look", or None."""
+        if self.consumer in payloads:
+            return "due"
+        if LATER in payloads or "" in payloads:
+            return "look"
+        return None                     # another consumer's rows
 
     def idle(self):
         """No clearer runs or waits to run."""
@@ -236,6 +285,7 @@ class Listener:
             cursor.execute(self.listen_sql)
             self.wait_ready(conn)
         except (psycopg2.Error, Unanswered) as e:
+            reason = self.describe(e, conn)
             if conn is not None:
                 conn.close()
             if self.stopping:
@@ -243,15 +293,35 @@ class Listener:
             self.connect_failures += 1
             delay = backoff(self.connect_failures, CONNECT_BACKOFF)
             self.next_connect = time.monotonic() + delay
-            log.error("cannot listen: %s; retrying in %.1f s",
-                      clear_cache.one_line(e), delay)
+            self.outage.failed("cannot listen: %s; retrying in %.1f s" % (reason, delay))
             return
         self.conn = conn
         self.connect_failures = 0
         self.last_heard = time.monotonic()
-        log.info("listening on channel %s", self.channel)
-        # Notifications sent while nobody listened are lost: catch up.
+        self.outage.ended("the server answers again")
+        log.info("listening on channel %s%s", self.channel, self.where(conn))
+        # Notifications sent while nobody listened are lost: catch up.  A
+        # run that failed against the lost server may go at once.
         self.look_at = 0.0
+        self.run_failures = 0
+        self.next_start = min(self.next_start, time.monotonic())
+
+    def describe(self, error, conn):
+        """One line for a connection's error: which host, and a hint where one helps."""
+        text = clear_cache.one_line(error)
+        if "during recovery" in text or "hot standby" in text:
+            text = ("connected to a standby, which cannot LISTEN: point the DSN at the"
+                    " primary, or list all hosts with target_session_attrs=read-write")
+        return text + self.where(conn)
+
+    def where(self, conn):
+        """' (host:port)' of conn when the DSN lists several hosts, else ''."""
+        if not self.multihost or conn is None:
+            return ""
+        try:
+            return " (%s:%s)" % (conn.info.host, conn.info.port)
+        except psycopg2.Error:
+            return ""
 
     def check_connection(self):
         """Heartbeat: prove the connection alive, and look at the queue while at it."""
@@ -261,9 +331,9 @@ class Listener:
         """Ask when the earliest row falls due: run the clearer now, or set the timer."""
         cursor = self.conn.cursor()
         try:
-            cursor.execute(LOOK_QUERY)
+            cursor.execute(LOOK_QUERY, [self.consumer, self.consumer])
             self.wait_ready(self.conn)
-            wait = cursor.fetchone()[0]
+            wait, unregistered = cursor.fetchone()
         except (psycopg2.Error, Unanswered) as e:
             if getattr(e, "pgcode", None) is None:      # no answer, or no connection
                 if not self.stopping:
@@ -278,8 +348,16 @@ class Listener:
         now = self.last_heard = time.monotonic()
         if not self.idle():
             return      # a run is coming anyway, and it looks again after
-        announced = bool(self.conn.notifies)
+        announced = self.news({n.payload for n in self.conn.notifies})
         self.conn.notifies.clear()
+        if unregistered:
+            # Nothing is queued for it; it looks again at every heartbeat.
+            self.unregistered.failed(
+                "consumer %r is not registered in cache_consumers, which is not empty:"
+                " nothing is queued for it" % self.consumer)
+            self.look_at = float("inf")
+            return
+        self.unregistered.ended("consumer %r is registered" % self.consumer)
         if wait is None or wait > 0:
             self.look_at = float("inf") if wait is None else now + wait + DUE_MARGIN
             log.debug("queue: %s", "nothing due" if wait is None
@@ -287,10 +365,22 @@ class Listener:
             return
         if heartbeat and not announced:
             log.info("heartbeat found rows due: clearing")
+            self.warn_unannounced(now)
         self.look_at = float("inf")
         self.pending = True
         if settle:
             self.settle(now)
+
+    def warn_unannounced(self, now):
+        """Say so when due rows keep coming that no notification announced."""
+        self.unannounced += 1
+        if self.unannounced >= 2 and now >= self.warned_unannounced + UNANNOUNCED_EVERY:
+            self.warned_unannounced = now
+            log.warning("rows were due that no notification announced, at %d heartbeats:"
+                        " is LISTEN going through PgBouncer in transaction pooling, which"
+                        " cannot carry it, or does --channel %s differ from the trigger's"
+                        " NOTIFY?  Clearing at each heartbeat meanwhile", self.unannounced,
+                        self.channel)
 
     def wait_ready(self, conn):
         """Poll an asynchronous operation to its end, for at most one heartbeat."""
@@ -317,7 +407,7 @@ class Listener:
         said = [n for n in self.conn.notices if "terminating connection" in n]
         if said:
             reason = clear_cache.one_line(said[-1].split(":", 1)[-1])
-        log.error("connection lost: %s", reason)
+        self.outage.failed("connection lost: %s%s" % (reason, self.where(self.conn)))
         self.close_connection()
         self.next_connect = time.monotonic() + backoff(1, CONNECT_BACKOFF)
 
@@ -336,7 +426,7 @@ class Listener:
         self.pending = False
         self.started_at = now
         self.next_start = now + MIN_GAP
-        self.child_deadline = now + RUN_LIMIT * self.heartbeat
+        self.child_deadline = now + RUN_LIMIT
         if self.waiter is not None and self.give_word():
             return
         try:
@@ -421,7 +511,7 @@ class Listener:
         if code is None:
             if time.monotonic() >= self.child_deadline:
                 log.error("clearer pid %d still running after %g s: killing it",
-                          self.child.pid, RUN_LIMIT * self.heartbeat)
+                          self.child.pid, RUN_LIMIT)
                 self.child.kill()
                 self.child_deadline = float("inf")
             return

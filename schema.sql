@@ -34,7 +34,16 @@ ALTER TABLE ports_cache_clearing DROP CONSTRAINT IF EXISTS ports_cache_clearing_
 -- older queue keeps its rows.
 ALTER TABLE ports_cache_clearing
     ADD COLUMN IF NOT EXISTS due_at  timestamptz NOT NULL DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS reclear boolean NOT NULL DEFAULT false;
+    ADD COLUMN IF NOT EXISTS reclear boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS consumer text NOT NULL DEFAULT '';
+
+-- Several web servers, each with its own cache and daemon (--consumer NAME):
+-- while this table is empty every change is queued once, for consumer '';
+-- once it holds names, once for each name.  'later' is a notification's
+-- payload, so no consumer may be called that.
+CREATE TABLE IF NOT EXISTS cache_consumers (
+    name text PRIMARY KEY CHECK (name NOT IN ('', 'later'))
+);
 
 -- The sequence hands each session ids a hundred at a time: a 30,000-row
 -- statement then queues its rows much faster.  Ids only need to be unique.
@@ -46,15 +55,19 @@ ALTER SEQUENCE ports_cache_clearing_id_seq CACHE 100;
 CREATE OR REPLACE FUNCTION ports_queue_cache_clearing() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- The LEFT JOIN gives one row for consumer '' while none is registered.
     IF TG_OP = 'DELETE' THEN
-        INSERT INTO ports_cache_clearing (category, port)
-            SELECT category, name FROM old_rows;
+        INSERT INTO ports_cache_clearing (category, port, consumer)
+            SELECT r.category, r.name, coalesce(c.name, '')
+            FROM old_rows r LEFT JOIN cache_consumers c ON true;
     ELSIF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO ports_cache_clearing (category, port)
-            SELECT category, name FROM ports;
+        INSERT INTO ports_cache_clearing (category, port, consumer)
+            SELECT r.category, r.name, coalesce(c.name, '')
+            FROM ports r LEFT JOIN cache_consumers c ON true;
     ELSE
-        INSERT INTO ports_cache_clearing (category, port)
-            SELECT category, name FROM new_rows;
+        INSERT INTO ports_cache_clearing (category, port, consumer)
+            SELECT r.category, r.name, coalesce(c.name, '')
+            FROM new_rows r LEFT JOIN cache_consumers c ON true;
     END IF;
     RETURN NULL;
 END
@@ -62,16 +75,35 @@ $$;
 
 -- Whoever inserts into the queue wakes the daemon: the trigger above, a
 -- clear queued for later, the clearer's own re-clears.  Rows due now notify
--- with no payload, so that a transaction's notifications fold into one and
--- the daemon starts a run at once; rows due later only with 'later', on
--- which it looks when they fall due.  A statement that inserted no rows
--- wakes nobody.
+-- with their consumer as payload (none, in single-server mode), so that a
+-- transaction's notifications fold into one per consumer and that consumer's
+-- daemon starts a run at once; rows due later only with 'later', on which
+-- every daemon looks when its rows fall due.  A statement that inserted no
+-- rows wakes nobody.
 CREATE OR REPLACE FUNCTION ports_cache_clearing_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT FROM inserted WHERE due_at <= now()) THEN
-        NOTIFY clear_ports_cache;
-    ELSIF EXISTS (SELECT FROM inserted) THEN
+    IF NOT EXISTS (SELECT FROM cache_consumers) THEN
+        IF EXISTS (SELECT FROM inserted WHERE due_at <= now()) THEN
+            NOTIFY clear_ports_cache;
+        ELSIF EXISTS (SELECT FROM inserted) THEN
+            NOTIFY clear_ports_cache, 'later';
+        END IF;
+        RETURN NULL;
+    END IF;
+    -- Names are registered: a row for '' (a program's "clear later", say)
+    -- becomes one row for each name, whose INSERT notifies in turn.
+    IF EXISTS (SELECT FROM inserted WHERE consumer = '') THEN
+        DELETE FROM ports_cache_clearing q USING inserted i
+            WHERE q.id = i.id AND i.consumer = '';
+        INSERT INTO ports_cache_clearing (category, port, consumer, due_at, reclear)
+            SELECT i.category, i.port, c.name, i.due_at, i.reclear
+            FROM inserted i CROSS JOIN cache_consumers c WHERE i.consumer = '';
+    END IF;
+    PERFORM pg_notify('clear_ports_cache', consumer)
+        FROM (SELECT DISTINCT consumer FROM inserted
+              WHERE due_at <= now() AND consumer <> '') AS due;
+    IF NOT FOUND AND EXISTS (SELECT FROM inserted WHERE consumer <> '') THEN
         NOTIFY clear_ports_cache, 'later';
     END IF;
     RETURN NULL;
@@ -83,7 +115,9 @@ $$;
 CREATE OR REPLACE FUNCTION ports_queue_old_name() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO ports_cache_clearing (category, port) VALUES (OLD.category, OLD.name);
+    INSERT INTO ports_cache_clearing (category, port, consumer)
+        SELECT OLD.category, OLD.name, coalesce(c.name, '')
+        FROM (SELECT) AS one LEFT JOIN cache_consumers c ON true;
     RETURN NULL;
 END
 $$;
