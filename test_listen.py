@@ -1900,6 +1900,217 @@ def test_server_restarts_lose_nothing(cluster, cache, daemon, figures):
         "notes": "%d commits failed during restarts" % writers.uncertain}
 
 
+class Standby(Cluster):
+    """A streaming replica of primary (pg_basebackup -R), on a spare port."""
+
+    def __init__(self, primary):
+        self.root = root = Path(tempfile.mkdtemp(prefix="lcc-standby-"))
+        self.dir = root / "pgdata"
+        self.port = free_port()
+        self.bindir = primary.bindir
+        self.as_owner = primary.as_owner
+        if self.as_owner:
+            shutil.chown(root, "postgres")
+        self.pg("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+                "-D", str(self.dir), "-R", "-X", "stream")
+        self.pg_ctl("start", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
+                    % (self.port, root))
+        self.dsn = "host=127.0.0.1 port=%d user=postgres dbname=lcc" % self.port
+
+    def promote(self):
+        self.pg_ctl("promote")
+
+
+def replayed(standby, category, port, version):
+    """Has the standby replayed the change that set this port's version?"""
+    return sql(standby.dsn, "SELECT count(*) FROM ports WHERE category = %s AND name = %s"
+               " AND version = %s", (category, port, version))[0][0] == 1
+
+
+@reliability
+def test_failover_to_a_promoted_standby(cluster, cache, daemon, figures):
+    standby = Standby(cluster)
+    try:
+        add_ports(cluster.dsn, "www/a", "www/b")
+        wait_for(lambda: replayed(standby, "www", "b", "1"), what="the standby to catch up")
+        both = ("host=127.0.0.1,127.0.0.1 port=%d,%d user=postgres dbname=lcc"
+                " target_session_attrs=read-write connect_timeout=2"
+                % (cluster.port, standby.port))
+        d = daemon(cache, "--heartbeat", "1", "--again-after", "0", dsn=both)
+        d.wait_ready()
+        lone = daemon(cache, "--heartbeat", "1", dsn=standby.dsn)      # a standby only
+        lone.wait_log("cannot listen: connected to a standby, which cannot LISTEN: point the"
+                      " DSN at the primary, or list all hosts with"
+                      " target_session_attrs=read-write")
+        lone.kill()
+        # A change committed and replicated while the daemon cannot act on it.
+        old = make_page(cache, "www/a")
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            touch_port(cluster.dsn, "www/a")
+            wait_for(lambda: replayed(standby, "www", "a", "2"), what="replication")
+            cluster.pg_ctl("stop", "-m", "immediate")
+            promoted = time.monotonic()
+            standby.promote()
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        d.wait_log("listening", 2, timeout=60)
+        took = time.monotonic() - promoted
+        assert "(127.0.0.1:%d)" % standby.port in d.log(), "it names the host it reached"
+        wait_for(lambda: not old.exists(), what="the change made before the failover")
+        new = make_page(cache, "www/b")
+        touch_port(standby.dsn, "www/b")
+        wait_for(lambda: not new.exists(), what="a change on the new primary")
+    finally:
+        standby.stop()
+    figures["failover: primary stopped (immediate), standby promoted"] = {
+        "committed": 2, "cleared": 2, "wrongly deleted": 0, "restarts survived": 1,
+        "reconnect s": "%.1f" % took, "notes": "from promotion to listening; two-host DSN"}
+
+
+class Bouncer:
+    """A real PgBouncer in front of the local PostgreSQL, run as postgres."""
+
+    def __init__(self, dsn, mode):
+        self.root = root = Path(tempfile.mkdtemp(prefix="lcc-bouncer-"))
+        self.port = free_port()
+        user = sql(dsn, "SELECT current_user")[0][0]
+        self.dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
+        (root / "userlist.txt").write_text('"%s" ""\n' % user)
+        (root / "pgbouncer.ini").write_text(
+            "[databases]\n* = host=127.0.0.1 port=5432\n[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\nlisten_port = %d\nunix_socket_dir =\n"
+            "auth_type = trust\nauth_file = %s/userlist.txt\npool_mode = %s\n"
+            "admin_users = %s\nlogfile = %s/pgbouncer.log\n"
+            % (self.port, root, mode, user, root))
+        self.as_owner = []
+        if os.geteuid() == 0:   # PgBouncer refuses to run as root
+            for path in (root, root / "userlist.txt", root / "pgbouncer.ini"):
+                shutil.chown(path, "postgres")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self.dsn = "host=127.0.0.1 port=%d user=%s dbname=%s" % (self.port, user, self.dbname)
+        self.admin = "host=127.0.0.1 port=%d user=%s dbname=pgbouncer" % (self.port, user)
+        self.start()
+
+    def start(self):
+        if shutil.which("pgbouncer") is None:
+            pytest.fail("PgBouncer is missing: apt-get install pgbouncer", pytrace=False)
+        self.proc = subprocess.Popen(self.as_owner + ["pgbouncer", str(self.root /
+                                                                     "pgbouncer.ini")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.answers, what="PgBouncer to accept connections")
+
+    def answers(self):
+        try:
+            sql(self.admin, "SHOW VERSION")
+            return True
+        except psycopg2.OperationalError:
+            return False
+
+    def stop(self):
+        """SIGTERM: immediate shutdown (SIGINT would wait for every session)."""
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def bouncer(db):
+    """Start PgBouncers in a given pool mode; stop them at the end."""
+    started = []
+
+    def start(mode):
+        b = Bouncer(db, mode)
+        started.append(b)
+        return b
+    yield start
+    for b in started:
+        b.close()
+
+
+@reliability
+def test_session_pooling_carries_listen_and_survives_a_restart(db, cache, daemon, bouncer,
+                                                               figures):
+    add_ports(db, "www/a")
+    b = bouncer("session")
+    d = daemon(cache, "--heartbeat", "1", "--again-after", "0", dsn=b.dsn)
+    d.wait_ready()
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    wait_for(lambda: not page.exists(), what="a change cleared through PgBouncer")
+    b.stop()
+    d.wait_log("connection lost")
+    b.start()
+    back = time.monotonic()
+    d.wait_log("listening", 2, timeout=30)
+    took = time.monotonic() - back
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a", "3")
+    wait_for(lambda: not page.exists(), what="a change cleared after the restart")
+    assert "rows were due that no notification announced" not in d.log()
+    figures["PgBouncer (session pooling) restarted"] = {
+        "committed": 2, "cleared": 2, "wrongly deleted": 0, "restarts survived": 1,
+        "reconnect s": "%.1f" % took, "notes": "from PgBouncer accepting to listening"}
+
+
+@reliability
+def test_transaction_pooling_is_said_out_loud_and_the_heartbeat_clears(db, cache, daemon,
+                                                                       bouncer):
+    names = ["www/a", "www/b", "www/c"]
+    add_ports(db, *names)
+    b = bouncer("transaction")
+    d = daemon(cache, "--heartbeat", "0.5", "--again-after", "0", dsn=b.dsn)
+    d.wait_ready()
+    for i, name in enumerate(names):
+        page = make_page(cache, name)
+        touch_port(db, name, str(i + 5))
+        wait_for(lambda: not page.exists(), what="the heartbeat to clear %s" % name)
+    d.wait_log(r"WARNING: rows were due that no notification announced, at 2 heartbeats:"
+               r" is LISTEN going through PgBouncer in transaction pooling")
+    assert d.count("WARNING: rows were due that no notification") == 1
+
+
+def pause(admin, dbname):
+    """PAUSE on PgBouncer's console; it returns once resumed, or fails when it stops."""
+    try:
+        admin.cursor().execute("PAUSE %s" % dbname)
+    except psycopg2.Error:
+        pass
+
+
+@reliability
+def test_a_paused_pooler_makes_the_clearer_give_up_then_resume(db, cache, daemon, bouncer,
+                                                               figures):
+    add_ports(db, "www/a")
+    b = bouncer("session")
+    # Cold clearers: each connects anew, and a paused PgBouncer holds new connections.
+    d = daemon(cache, "--heartbeat", "1", "--again-after", "0", "--no-warm", dsn=b.dsn)
+    d.wait_ready()
+    admin = psycopg2.connect(b.admin)
+    admin.autocommit = True
+    # PAUSE returns only when every server connection is released, never here:
+    # the daemon's session keeps its own.
+    threading.Thread(target=pause, args=(admin, b.dbname), daemon=True).start()
+    wait_for(lambda: "PAUSE" in (b.root / "pgbouncer.log").read_text() or
+             d.proc.poll() is not None, what="PgBouncer to pause")
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    d.wait_log(r"gave up: the server did not answer in 1 s", timeout=20)
+    d.wait_log(r"clearer pid \d+ exited with 1; retrying in")
+    paused = time.monotonic()
+    sql(b.admin, "RESUME %s" % b.dbname)
+    wait_for(lambda: not page.exists(), timeout=30, what="the change cleared after RESUME")
+    took = time.monotonic() - paused
+    figures["PgBouncer paused, then resumed"] = {
+        "committed": 1, "cleared": 1, "wrongly deleted": 0,
+        "reconnect s": "%.1f" % took, "notes": "clearer gave up after 1 s (heartbeat 1 s);"
+        " seconds from RESUME to the page gone"}
+
+
 @reliability
 def test_daemon_killed_and_restarted(db, cache, daemon, figures):
     names = ["www/p%d" % i for i in range(20)]
