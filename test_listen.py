@@ -1912,7 +1912,7 @@ class Standby(Cluster):
         if self.as_owner:
             shutil.chown(root, "postgres")
         self.pg("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
-                "-D", str(self.dir), "-R", "-X", "stream")
+                "-D", str(self.dir), "-R", "-X", "stream", "-c", "fast")
         self.pg_ctl("start", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
                     % (self.port, root))
         self.dsn = "host=127.0.0.1 port=%d user=postgres dbname=lcc" % self.port
@@ -2060,17 +2060,22 @@ def test_session_pooling_carries_listen_and_survives_a_restart(db, cache, daemon
 @reliability
 def test_transaction_pooling_is_said_out_loud_and_the_heartbeat_clears(db, cache, daemon,
                                                                        bouncer):
-    names = ["www/a", "www/b", "www/c"]
-    add_ports(db, *names)
+    add_ports(db, "www/a")
     b = bouncer("transaction")
     d = daemon(cache, "--heartbeat", "0.5", "--again-after", "0", dsn=b.dsn)
     d.wait_ready()
-    for i, name in enumerate(names):
-        page = make_page(cache, name)
-        touch_port(db, name, str(i + 5))
-        wait_for(lambda: not page.exists(), what="the heartbeat to clear %s" % name)
-    d.wait_log(r"WARNING: rows were due that no notification announced, at 2 heartbeats:"
+    warning = (r"WARNING: rows were due that no notification announced, at 2 heartbeats:"
                r" is LISTEN going through PgBouncer in transaction pooling")
+    # Now and then a notification still gets through, on whichever server
+    # connection the daemon's query lands: changes until two were not.
+    for i in range(20):
+        page = make_page(cache, "www/a")
+        touch_port(db, "www/a", str(i + 5))
+        wait_for(lambda: not page.exists(), what="change %d cleared" % i)
+        if d.count(warning):
+            break
+    d.wait_log(warning)
+    assert d.count("heartbeat found rows due") >= 2
     assert d.count("WARNING: rows were due that no notification") == 1
 
 
