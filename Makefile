@@ -17,14 +17,19 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Every target that needs the database says so in one line when none answers.
+# Every target that needs the database says so in one line when none answers,
+# or when the one that answers refuses (an unknown database or role, say).
 define PG_ANSWERS
 import sys, psycopg2
 try:
     psycopg2.connect("connect_timeout=5").close()
 except psycopg2.OperationalError as e:
-    sys.exit("make: no PostgreSQL answers at libpq's defaults; set PGHOST, PGPORT,"
-             " PGUSER, PGPASSWORD or PGDATABASE (" + " ".join(str(e).split()) + ")")
+    why = " ".join(str(e).split())
+    silent = any(s in why for s in ("Connection refused", "No such file", "timeout expired",
+                                    "could not translate host name"))
+    sys.exit("make: " + ("no PostgreSQL answers" if silent else "PostgreSQL refused us")
+             + " at libpq's defaults; set PGHOST, PGPORT, PGUSER, PGPASSWORD or"
+             " PGDATABASE (" + why + ")")
 endef
 export PG_ANSWERS
 
@@ -37,6 +42,9 @@ test: pg-answers
 run: pg-answers
 	$(PSQL) -q -v ON_ERROR_STOP=1 -f schema.sql
 	mkdir -p $(CACHE_DIR)
+	@echo "To see it work, in another terminal: make a port and its page, then change the port:"
+	@echo "  psql -c \"INSERT INTO ports (category, name, version) VALUES ('www', 'nginx', '1')\"; mkdir -p $(CACHE_DIR)/www/nginx; echo page > $(CACHE_DIR)/www/nginx/index.html"
+	@echo "  psql -c \"UPDATE ports SET version = '2' WHERE category = 'www' AND name = 'nginx'\"; ls $(CACHE_DIR)/www/nginx"
 	$(PY) listen_clear_cache.py --cache-dir $(CACHE_DIR)
 
 flush: pg-answers
@@ -67,6 +75,7 @@ mkdir -p "$$cache/demo/hello" && echo '<html>demo/hello 1.0</html>' > "$$page"
 echo "1. port demo/hello is in the database, and its page is cached:"
 ls -l "$$page"
 echo "2. starting the daemon"
+: > "$$log"     # before tee, which creates it only when it starts
 $(PY) listen_clear_cache.py --cache-dir "$$cache" 2> >(tee "$$log" >&2) & pid=$$!
 for i in $$(seq 100); do grep -q 'listening' "$$log" && break; sleep 0.1; done
 echo "3. UPDATE ports SET version = '1.1' WHERE category = 'demo' AND name = 'hello'"

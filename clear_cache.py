@@ -1,12 +1,11 @@
+#!/usr/bin/env python3
 """Delete the cached pages of the ports queued in ports_cache_clearing.
 
 One SERIALIZABLE transaction: read the distinct (category, port) pairs of
 the rows that are due, delete the pages their templates name, delete the due
 rows the transaction saw, queue one re-clear per changed port, commit.  Rows
-queued meanwhile are not in the snapshot and stay for the next run.
-
-    clear_cache.py [--dsn DSN] [--cache-dir DIR] [--pages TEMPLATE ...]
-                   [--again-after SECONDS] [--dry-run] [-q|-v] [CATEGORY/PORT ...]
+queued meanwhile are not in the snapshot and stay for the next run.  Run it
+by hand for a one-off flush; the daemon, listen_clear_cache.py, runs it too.
 
 A page template is a path under the cache directory, such as
 {category}/{port}/* (the default) or categories/{category}/*; only its last
@@ -28,9 +27,15 @@ import sys
 import threading
 import time
 
-import psycopg2
-import psycopg2.errorcodes
-import psycopg2.extensions
+try:
+    import psycopg2
+    import psycopg2.errorcodes
+    import psycopg2.extensions
+except ImportError:
+    # Run with an interpreter that lacks it, the system's python3 say.
+    sys.stderr.write("%s: psycopg2 is not installed for %s: run `make venv` and use"
+                     " .venv/bin/python\n" % (os.path.basename(sys.argv[0]), sys.executable))
+    sys.exit(2)
 
 NAME_MAX = 255
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
@@ -111,11 +116,17 @@ def main(argv=None):
         except ConfigError as e:
             log.error("%s", e)
             return 2
-    log.info("%scleared %d ports, deleted %d rows, removed %d files%s in %d ms",
-             "dry run: " if args.dry_run else "", clearer.ports, rows,
-             clearer.files, ", %d ports left queued" % len(failed) if failed else "",
+    log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
+             "dry run: " if args.dry_run else "", count(clearer.ports, "port"),
+             count(rows, "row"), count(clearer.files, "file"),
+             ", %s left queued" % count(len(failed), "port") if failed else "",
              (time.monotonic() - started) * 1000)
     return 1 if failed else 0
+
+
+def count(n, noun):
+    """'1 port', '2 ports'."""
+    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
 
 
 class ConfigError(Exception):
@@ -201,7 +212,8 @@ def load_config(args):
     try:
         psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as e:
-        raise ConfigError("invalid DSN: %s" % one_line(e)) from None
+        text = re.sub(r"^invalid dsn: ", "", one_line(e))     # psycopg2 says it too
+        raise ConfigError("invalid DSN: %s" % text) from None
     cache_dir = args.cache_dir or os.environ.get("CLEAR_CACHE_DIR")
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or set CLEAR_CACHE_DIR")
@@ -480,8 +492,8 @@ def clear_snapshot(cur, clearer, config, give_up, answered):
                     " WHERE " + DUE + " AND EXISTS " + MATCHING_PAIR +
                     " GROUP BY category, port", [config.consumer] + pair_arrays(unusable))
         for row in cur:
-            log.warning("row %d (%d rows): invalid name %r/%r, %s", *row,
-                        "would be deleted" if clearer.dry_run else "deleted unused")
+            log.warning("row %d (%s): invalid name %r/%r, %s", row[0], count(row[1], "row"),
+                        *row[2:], "would be deleted" if clearer.dry_run else "deleted unused")
         for pair in unusable:
             del changed[pair], ports[pair]
     if clearer.dry_run:

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Wait for NOTIFY clear_ports_cache and run clear_cache.py when rows are due.
 
 Holds one autocommit LISTEN connection and sleeps in select().  A
@@ -8,10 +9,6 @@ a run make it look at the queue: rows due start a run, rows due later set a
 timer.  Runs never overlap, and notifications that arrive meanwhile fold
 into one more run, so a burst of changes costs a handful of runs.  The queue
 table is the truth; NOTIFY is only a wake-up.
-
-    listen_clear_cache.py [--dsn DSN] [--cache-dir DIR] [--pages TEMPLATE ...]
-                          [--again-after SECONDS] [--channel NAME]
-                          [--heartbeat SECONDS] [--no-warm] [-q|-v]
 
 Stays in the foreground and logs to stderr (daemontools, cron @reboot).
 SIGTERM or SIGINT: stop listening, let a running clearer finish, exit 0.
@@ -27,11 +24,10 @@ import subprocess
 import sys
 import time
 
+import clear_cache      # first: it says in one line when psycopg2 is missing
 import psycopg2
 import psycopg2.errorcodes
 import psycopg2.extensions
-
-import clear_cache
 
 # A lone change starts a clearer at once.  Changes that keep coming while one
 # runs make the next start wait for a pause of QUIET seconds, but never more

@@ -584,7 +584,7 @@ def test_flush_clears_queued_ports_only(db, cache, outside):
     assert a.parent.is_dir(), "the port directory itself stays"
     assert b.exists() and untouched.exists()
     assert queued(db) == []
-    assert re.search(r"cleared 1 ports, deleted 1 rows, removed 2 files in \d+ ms",
+    assert re.search(r"cleared 1 port, deleted 1 row, removed 2 files in \d+ ms",
                      result.stderr), result.stderr
 
 
@@ -596,7 +596,7 @@ def test_each_port_cleared_once_per_run(db, cache):
     result = clear("-v", dsn=db, cache=cache)
     assert result.returncode == 0
     assert result.stderr.count("www/a/*: removed") == 1, result.stderr
-    assert "cleared 1 ports, deleted 4 rows, removed 1 files" in result.stderr
+    assert "cleared 1 port, deleted 4 rows, removed 1 file" in result.stderr
 
 
 def test_flush_of_an_empty_queue_succeeds(db, cache):
@@ -783,7 +783,7 @@ def test_serialization_failure_retries_the_transaction(db, cache):
         proc.kill()
     assert proc.returncode == 0, stderr
     assert "retrying after could not serialize access" in stderr
-    assert "cleared 1 ports, deleted 1 rows" in stderr, "the summary counts the last attempt"
+    assert "cleared 1 port, deleted 1 row" in stderr, "the summary counts the last attempt"
     assert not page.exists()
     assert queued(db) == []
 
@@ -829,7 +829,9 @@ def test_concurrent_clearers_both_succeed(db, cache):
 
 def test_unparsable_dsn_and_bad_database_leave_the_queue(db, cache):
     add_ports(db, "www/a")
-    assert_one_line_error(clear(dsn="host='unterminated", cache=cache), 2)
+    result = clear(dsn="host='unterminated", cache=cache)
+    assert_one_line_error(result, 2)
+    assert "invalid DSN: unterminated quoted string" in result.stderr, result.stderr
     assert_one_line_error(clear(dsn=psycopg2.extensions.make_dsn(db, dbname="no_such_db"),
                                 cache=cache), 1)
     assert queued(db) == [("www", "a")]
@@ -942,7 +944,7 @@ def test_over_long_expansion_is_reported_and_deleted(db, cache, outside):
     result = clear("--pages", "flat/{category}-{port}.html", "--pages",
                    "{category}/{port}/*", dsn=db, cache=cache)
     assert result.returncode == 0, result.stderr
-    assert len(re.findall(r"row \d+ \(1 rows\): invalid name", result.stderr)) == 1
+    assert len(re.findall(r"row \d+ \(1 row\): invalid name", result.stderr)) == 1
     assert not page.exists()
     del before[str(page)]
     assert tree(cache) == before
@@ -1012,7 +1014,7 @@ def test_due_later_row_is_untouched_uncounted_then_cleared(db, cache):
     assert page.exists() and len(all_queued(db)) == 2
     wait_for(lambda: queued(db), what="the row to fall due")
     result = clear(dsn=db, cache=cache)
-    assert "cleared 1 ports, deleted 1 rows, removed 1 files" in result.stderr
+    assert "cleared 1 port, deleted 1 row, removed 1 file" in result.stderr
     assert not page.exists()
     # A clear queued for later races renders as well: it is cleared again.
     assert all_queued(db) == [("www", "..", False), ("www", "nginx", True)]
@@ -1073,6 +1075,21 @@ def test_daemon_catches_up_at_start(db, cache, daemon):
     wait_for(lambda: not page.exists(), what="the catch-up run")
     assert queued(db) == []
     d.wait_log("listening")
+
+
+def test_scripts_run_directly_and_say_when_psycopg2_is_missing(cache):
+    for script in (CLEAR, LISTEN):
+        assert os.access(script, os.X_OK)
+        assert Path(script).read_text().startswith("#!/usr/bin/env python3\n")
+        # -S: an interpreter without the venv's site-packages, as the system's.
+        result = subprocess.run([sys.executable, "-S", script, "--help"],
+                                capture_output=True, text=True, timeout=30)
+        assert_one_line_error(result, 2)
+        assert "psycopg2 is not installed for %s: run `make venv`" % sys.executable \
+            in result.stderr
+        result = subprocess.run([sys.executable, script, "--help"], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0 and result.stdout.count("usage:") == 1, result.stdout
 
 
 def test_daemon_config_errors_exit_2_before_connecting(tmp_path, cache):
@@ -1211,7 +1228,7 @@ def test_daemon_lets_a_running_clearer_finish_and_keeps_secrets_off_argv(db, cac
     assert d.wait() == 0
     assert not page.exists() and queued(db) == []
     log = d.log()
-    assert log.index("stopping") < log.index("cleared 1 ports") < log.index("stopped")
+    assert log.index("stopping") < log.index("cleared 1 port") < log.index("stopped")
 
 
 def test_notifications_during_a_run_lead_to_exactly_one_more(db, cache, daemon):
@@ -1465,7 +1482,7 @@ def test_a_manual_flush_for_an_unregistered_consumer_exits_2(db, cache, consumer
         assert_one_line_error(clear(*args, dsn=db, cache=cache), 2)
     result = clear("--consumer", "web1", dsn=db, cache=cache)
     assert result.returncode == 0, result.stderr
-    assert "deleted 1 rows" in result.stderr
+    assert "deleted 1 row" in result.stderr
     assert sql(db, "SELECT consumer FROM ports_cache_clearing WHERE NOT reclear") == [
         ("web2",)]
 
