@@ -4,7 +4,12 @@
 PYTHON ?= python3
 PSQL ?= psql
 CACHE_DIR ?= cache
+# `make test PYTHON=python3.9` builds its own .venv-3.9 beside the default .venv.
+ifeq ($(origin PYTHON),command line)
+VENV := .venv-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+else
 VENV := .venv
+endif
 PY := $(VENV)/bin/python
 PYTEST_OPTS := -o "markers=reliability: stress, fault and hostile-input campaign (make reliability)"
 
@@ -12,9 +17,14 @@ PYTEST_OPTS := -o "markers=reliability: stress, fault and hostile-input campaign
 
 venv: $(VENV)/.installed
 
+# The scripts' own venv holds psycopg2 only; the test tools go in by `make test`.
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 # Every target that needs the database says so in one line when none answers,
@@ -36,7 +46,7 @@ export PG_ANSWERS
 pg-answers: venv
 	@$(PY) -c "$$PG_ANSWERS"
 
-test: pg-answers
+test: pg-answers $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(PYTEST_OPTS) test_listen.py
 
 run: pg-answers
@@ -51,10 +61,10 @@ flush: pg-answers
 	mkdir -p $(CACHE_DIR)
 	$(PY) clear_cache.py --cache-dir $(CACHE_DIR)
 
-bench: pg-answers
+bench: pg-answers $(VENV)/.dev-installed
 	$(PY) bench.py
 
-reliability: pg-answers
+reliability: pg-answers $(VENV)/.dev-installed
 	rm -f reliability.json
 	$(PY) -m pytest -q $(PYTEST_OPTS) -m reliability test_listen.py
 	$(PY) test_listen.py

@@ -1092,6 +1092,14 @@ def test_scripts_run_directly_and_say_when_psycopg2_is_missing(cache):
         assert result.returncode == 0 and result.stdout.count("usage:") == 1, result.stdout
 
 
+def test_runtime_requirements_are_psycopg2_alone():
+    lines = [line for line in (HERE / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines and all(line.startswith("psycopg2-binary==") for line in lines), lines
+    dev = (HERE / "requirements-dev.txt").read_text()
+    assert "-r requirements.txt" in dev and "pytest==" in dev
+
+
 def test_daemon_config_errors_exit_2_before_connecting(tmp_path, cache):
     cases = [["--cache-dir", str(tmp_path / "missing")],
              ["--cache-dir", str(cache), "--dsn", "host='unterminated"],
