@@ -85,7 +85,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     setup_logging(args.verbosity)
     try:
-        config = load_config(args)
+        config = load_config(args, database=not args.ports)
         ports = dict(parse_port_argument(arg, config.templates) for arg in args.ports)
         cache_fd = open_cache_dir(config.cache_dir)
     except ConfigError as e:
@@ -117,7 +117,7 @@ def main(argv=None):
             log.error("%s", e)
             return 2
     log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
-             "dry run: " if args.dry_run else "", count(clearer.ports, "port"),
+             "dry run: " if args.dry_run else "", count(len(clearer.cleared), "port"),
              count(rows, "row"), count(clearer.files, "file"),
              ", %s left queued" % count(len(failed), "port") if failed else "",
              (time.monotonic() - started) * 1000)
@@ -206,11 +206,15 @@ def setup_logging(level):
     logging.basicConfig(level=level, format=stamp + "%(name)s: %(levelname)s: %(message)s")
 
 
-def load_config(args):
-    """The Config from the options, then the environment, then the defaults."""
+def load_config(args, database=True):
+    """The Config from the options, then the environment, then the defaults.
+
+    Without database (CATEGORY/PORT arguments), the DSN is neither used nor checked.
+    """
     dsn = args.dsn if args.dsn is not None else os.environ.get("CLEAR_CACHE_DSN", "")
     try:
-        psycopg2.extensions.parse_dsn(dsn)
+        if database:
+            psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as e:
         text = re.sub(r"^invalid dsn: ", "", one_line(e))     # psycopg2 says it too
         raise ConfigError("invalid DSN: %s" % text) from None
@@ -588,8 +592,10 @@ class Clearer:
         self.cache_dir = cache_dir
         self.templates = templates
         self.dry_run = dry_run
-        self.ports = 0          # cleared by the latest attempt
-        self.files = 0          # removed, over all attempts
+        # What this run did, over all its attempts (a serialization failure
+        # retries the transaction): ports cleared, files removed.
+        self.cleared = set()
+        self.files = 0
 
     def clear_ports(self, ports):
         """Clear {(category, port): its page_targets}; return the pairs that failed."""
@@ -600,8 +606,7 @@ class Clearer:
         failed = set()
         for target in self.clear_targets(targets):
             failed.update(targets[target])
-        # One call is one whole attempt: a retried transaction counts its ports once.
-        self.ports = len(ports) - len(failed)
+        self.cleared.update(p for p in ports if p not in failed)
         return [p for p in ports if p in failed]
 
     def clear_targets(self, targets):

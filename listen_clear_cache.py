@@ -51,6 +51,7 @@ DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
 LOCK_NOT_AVAILABLE = psycopg2.errorcodes.LOCK_NOT_AVAILABLE
 LATER = "later"         # the payload of a notification about rows due later only
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 VERBOSITY_FLAGS = {logging.WARNING: ["-q"], logging.INFO: [], logging.DEBUG: ["-v"]}
 
 log = logging.getLogger("listen_clear_cache")
@@ -116,6 +117,10 @@ class Calm:
             log.info("%s, after %.1f s and %d failures", text, time.monotonic() - self.started,
                      self.times)
             self.since, self.times = None, 0
+
+
+class Interrupted(Exception):
+    """A stop signal came while waiting for the server."""
 
 
 class Unanswered(Exception):
@@ -199,20 +204,24 @@ class Listener:
             signal.signal(signum, lambda signum, frame: self.signals.add(signum))
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
-    def handle_signals(self):
-        """Act on the signals the handlers only marked."""
+    def drain_wakeup(self):
+        """Empty the pipe that woke select(); the handlers marked the signals."""
         while True:
             try:
                 if not os.read(self.wakeup, 512):
                     break
             except BlockingIOError:
                 break
+
+    def handle_signals(self):
+        """Act on the signals the handlers only marked."""
+        self.drain_wakeup()
         signals, self.signals = self.signals, set()
         if signal.SIGHUP in signals:
             log.info("SIGHUP: clearing now")
             self.pending = True
             self.next_start = 0.0
-        if signals & {signal.SIGTERM, signal.SIGINT} and not self.stopping:
+        if signals & STOP_SIGNALS and not self.stopping:
             log.info("stopping on signal%s", "" if self.child is None
                      else ", after clearer pid %d ends" % self.child.pid)
             self.stopping = True
@@ -280,12 +289,13 @@ class Listener:
             cursor = conn.cursor()      # must outlive the asynchronous query
             cursor.execute(self.listen_sql)
             self.wait_ready(conn)
+        except Interrupted:
+            conn.close()
+            return
         except (psycopg2.Error, Unanswered) as e:
             reason = self.describe(e, conn)
             if conn is not None:
                 conn.close()
-            if self.stopping:
-                return
             self.connect_failures += 1
             delay = backoff(self.connect_failures, CONNECT_BACKOFF)
             self.next_connect = time.monotonic() + delay
@@ -330,10 +340,11 @@ class Listener:
             cursor.execute(LOOK_QUERY, [self.consumer, self.consumer])
             self.wait_ready(self.conn)
             wait, unregistered = cursor.fetchone()
+        except Interrupted:
+            return      # stopping: the connection goes with the rest
         except (psycopg2.Error, Unanswered) as e:
             if getattr(e, "pgcode", None) is None:      # no answer, or no connection
-                if not self.stopping:
-                    self.drop_connection(clear_cache.one_line(e))
+                self.drop_connection(clear_cache.one_line(e))
                 return
             self.last_heard = time.monotonic()
             retry = LOCKED_RETRY if e.pgcode == LOCK_NOT_AVAILABLE else self.heartbeat
@@ -392,9 +403,9 @@ class Listener:
             readable, _, _ = select.select([self.wakeup] + [conn] * (not want_write),
                                            [conn] * want_write, [], remaining)
             if self.wakeup in readable:
-                self.handle_signals()
-                if self.stopping:
-                    raise Unanswered("stopping")
+                self.drain_wakeup()
+                if self.signals & STOP_SIGNALS:
+                    raise Interrupted   # the main loop acts on it, first thing
 
     def drop_connection(self, reason):
         """Log a lost connection and schedule the first reconnect."""

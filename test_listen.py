@@ -632,6 +632,13 @@ def test_explicit_ports_leave_the_queue_alone(db, cache):
     assert queued(db) == [("www", "a"), ("www", "b")]
 
 
+def test_explicit_ports_need_no_database_and_no_valid_dsn(cache):
+    page = make_page(cache, "www/a")
+    result = clear("www/a", dsn="host='unterminated", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists()
+
+
 def test_explicit_port_that_is_not_a_plain_name_is_a_usage_error(db, cache, outside):
     for arg in ("www", "../outside", "www/a/b", "/p"):
         assert_one_line_error(clear(arg, dsn=db, cache=cache), 2)
