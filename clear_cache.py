@@ -57,6 +57,13 @@ DUE = "consumer = %s AND due_at <= now()"
 SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
               + DUE)
 # True when names are registered, and %s is not among them.
+OK, WARNING, CRITICAL, UNKNOWN = range(4)     # Nagios plugin exit codes
+STATUS = ["OK", "WARNING", "CRITICAL", "UNKNOWN"]
+# Due rows, the age of the oldest in seconds, and this database's daemons for a consumer.
+CHECK_QUERY = ("SELECT count(*), coalesce(EXTRACT(epoch FROM now() - min(due_at)), 0)::float8,"
+               " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+               " AND application_name = %s)"
+               " FROM ports_cache_clearing WHERE consumer = %s AND due_at <= now()")
 UNREGISTERED = ("(EXISTS (SELECT FROM cache_consumers)"
                 " AND NOT EXISTS (SELECT FROM cache_consumers WHERE name = %s))")
 # Sessions that wait on purpose; set_config, since PostgreSQL 13 has no
@@ -79,11 +86,24 @@ def main(argv=None):
                         help="give up, exit 1, if the server has not answered the first"
                         " statement this long after the start, or a lock is not granted"
                         " in as long (default: $CLEAR_CACHE_GIVE_UP_AFTER, then 30)")
+    check = parser.add_argument_group("monitoring (Nagios plugin conventions: one line on"
+                                      " stdout; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
+    check.add_argument("--check", action="store_true", help="report the due rows and the"
+                       " listening daemons, change nothing; no cache directory needed")
+    check.add_argument("--warn", metavar="SECONDS", type=seconds(0), default=60.0,
+                       help="WARNING when the oldest due row is this old (default: 60)")
+    check.add_argument("--crit", metavar="SECONDS", type=seconds(0), default=300.0,
+                       help="CRITICAL when it is this old (default: 300)")
     parser.add_argument("--warm", metavar="FD", type=int, help="how the daemon starts"
                         " its waiting clearer: connect, then wait for a byte on file"
                         " descriptor FD before the run; end of file: exit 0, no run")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--check" in argv:
+        parser.usage_status = UNKNOWN   # Nagios reads 2 as CRITICAL
     args = parser.parse_args(argv)
     setup_logging(args.verbosity)
+    if args.check:
+        return check_queue(parser, args)
     try:
         config = load_config(args, database=not args.ports)
         ports = dict(parse_port_argument(arg, config.templates) for arg in args.ports)
@@ -124,6 +144,40 @@ def main(argv=None):
     return 1 if failed else 0
 
 
+def check_queue(parser, args):
+    """--check: one line on stdout about the due rows and the listening daemons."""
+    if args.warn > args.crit:
+        parser.error("--warn %g is above --crit %g" % (args.warn, args.crit))
+    try:
+        config = load_config(args, cache=False)
+        conn = connect(config.dsn, connect_timeout=10)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(CHECK_QUERY, [daemon_name(config.consumer), config.consumer])
+                due, oldest, listeners = cur.fetchone()
+        finally:
+            conn.close()
+    except ConfigError as e:
+        print("CLEAR_CACHE UNKNOWN - %s" % e)
+        return UNKNOWN
+    except psycopg2.Error as e:
+        print("CLEAR_CACHE UNKNOWN - %s" % db_error(e))
+        return UNKNOWN
+    status = (CRITICAL if not listeners or oldest >= args.crit
+              else WARNING if oldest >= args.warn else OK)
+    print("CLEAR_CACHE %s - %s due, oldest due %d s, %s | due=%d oldest=%ds;%g;%g"
+          " listeners=%d" % (STATUS[status], count(due, "row"), oldest,
+                             count(listeners, "listener"), due, oldest, args.warn,
+                             args.crit, listeners))
+    return status
+
+
+def daemon_name(consumer):
+    """The application_name a daemon sets for itself: it says which consumer it serves."""
+    name = "listen_clear_cache.py" + (" " + consumer if consumer else "")
+    return name.encode()[:63].decode(errors="ignore")     # PostgreSQL keeps 63 bytes
+
+
 def count(n, noun):
     """'1 port', '2 ports'."""
     return "%d %s%s" % (n, noun, "" if n == 1 else "s")
@@ -154,11 +208,13 @@ class Config:
 class Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors take one line."""
 
+    usage_status = 2
+
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message):
-        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+        self.exit(self.usage_status, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
 def add_common_options(parser):
@@ -206,10 +262,11 @@ def setup_logging(level):
     logging.basicConfig(level=level, format=stamp + "%(name)s: %(levelname)s: %(message)s")
 
 
-def load_config(args, database=True):
+def load_config(args, database=True, cache=True):
     """The Config from the options, then the environment, then the defaults.
 
-    Without database (CATEGORY/PORT arguments), the DSN is neither used nor checked.
+    Without database (CATEGORY/PORT arguments), the DSN is neither used nor
+    checked; without cache (--check), neither is the cache directory.
     """
     dsn = args.dsn if args.dsn is not None else os.environ.get("CLEAR_CACHE_DSN", "")
     try:
@@ -218,7 +275,7 @@ def load_config(args, database=True):
     except psycopg2.ProgrammingError as e:
         text = re.sub(r"^invalid dsn: ", "", one_line(e))     # psycopg2 says it too
         raise ConfigError("invalid DSN: %s" % text) from None
-    cache_dir = args.cache_dir or os.environ.get("CLEAR_CACHE_DIR")
+    cache_dir = args.cache_dir or os.environ.get("CLEAR_CACHE_DIR") or ("" if cache else ".")
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or set CLEAR_CACHE_DIR")
     pages = args.pages or os.environ.get("CLEAR_CACHE_PAGES", "").split() or DEFAULT_PAGES

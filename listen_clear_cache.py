@@ -284,7 +284,9 @@ class Listener:
         """Connect, LISTEN, and look at the queue; on failure, back off."""
         conn = None
         try:
-            conn = clear_cache.connect(self.dsn, async_=1)
+            # Its own name, whatever the DSN says: --check counts daemons by it.
+            conn = clear_cache.connect(self.dsn, async_=1,
+                                       application_name=clear_cache.daemon_name(self.consumer))
             self.wait_ready(conn)
             cursor = conn.cursor()      # must outlive the asynchronous query
             cursor.execute(self.listen_sql)

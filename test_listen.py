@@ -1575,6 +1575,71 @@ def test_a_clearer_waiting_on_a_lock_gives_up(db, cache):
     assert queued(db) == [("www", "a")]
 
 
+# -------------------------------------------------------- the monitoring check
+
+def check(*args, dsn):
+    """Run clear_cache.py --check, without a cache directory; return the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEAR_CACHE_")}
+    return subprocess.run([sys.executable, CLEAR, "--check", "--dsn", dsn] + list(args),
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def queue_due_ago(dsn, seconds, consumer=""):
+    """Queue a row that fell due seconds ago, with no NOTIFY to clear it."""
+    conn = psycopg2.connect(dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE ports_cache_clearing DISABLE TRIGGER"
+                    " ports_cache_clearing_notify")
+        cur.execute("INSERT INTO ports_cache_clearing (category, port, consumer, due_at)"
+                    " VALUES ('www', 'old', %s, now() - %s * interval '1 s')",
+                    (consumer, seconds))
+        cur.execute("ALTER TABLE ports_cache_clearing ENABLE TRIGGER"
+                    " ports_cache_clearing_notify")
+    conn.close()
+
+
+def test_check_reports_ok_warning_and_critical(db, cache, daemon):
+    result = check(dsn=db)
+    assert result.returncode == 2, result                   # no daemon listens
+    assert result.stdout.startswith("CLEAR_CACHE CRITICAL - 0 rows due, oldest due 0 s,"
+                                    " 0 listeners | due=0 oldest=0s;60;300 listeners=0")
+    # A DSN's application_name does not rename the daemon: it names itself.
+    d = daemon(cache, "--heartbeat", "600", dsn=db + " application_name=renamed")
+    d.wait_ready()
+    result = check(dsn=db)
+    assert result.returncode == 0, result
+    assert result.stdout == ("CLEAR_CACHE OK - 0 rows due, oldest due 0 s, 1 listener |"
+                             " due=0 oldest=0s;60;300 listeners=1\n")
+    queue_due_ago(db, 90)
+    result = check(dsn=db)
+    assert result.returncode == 1, result
+    assert re.match(r"CLEAR_CACHE WARNING - 1 row due, oldest due 9\d s", result.stdout)
+    assert check("--warn", "100", dsn=db).returncode == 0
+    assert check("--warn", "30", "--crit", "80", dsn=db).returncode == 2
+    assert len(all_queued(db)) == 1, "the check changes nothing"
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 1
+
+
+def test_check_counts_the_daemon_of_its_consumer(db, cache, daemon, consumers):
+    d = daemon(cache, "--consumer", "web1", "--heartbeat", "600")
+    d.wait_ready()
+    assert backends(db, "listen_clear_cache.py web1")
+    assert check("--consumer", "web1", dsn=db).returncode == 0
+    result = check("--consumer", "web2", dsn=db)
+    assert result.returncode == 2 and "0 listeners" in result.stdout, result
+
+
+def test_check_says_unknown_for_what_it_cannot_know(db, admin_dsn):
+    for args, dsn in ((["--warn", "400"], db),                  # above --crit
+                      (["--crit", "soon"], db),
+                      ([], psycopg2.extensions.make_dsn(db, dbname="no_such_db")),
+                      ([], admin_dsn)):                          # no schema there
+        result = check(*args, dsn=dsn)
+        assert result.returncode == 3, result
+        assert "Traceback" not in result.stderr
+    assert check(dsn=admin_dsn).stdout.startswith("CLEAR_CACHE UNKNOWN - ")
+
+
 # ------------------------------------------------------- the warm clearer
 
 def waiting_clearer(d, count=1):
