@@ -2536,7 +2536,7 @@ def cron_command():
 def test_cron_line_runs_in_crons_bare_environment(db, cache, tmp_path):
     command = cron_command()
     assert "%" not in command, "cron turns % into a newline"
-    log = tmp_path / "cron.log"
+    log = tmp_path / "logs" / "cron.log"      # the line makes its directory
     for example, real in (("/usr/local/listen_clear_cache", str(HERE)),
                           ("dbname=freshports user=freshports host=/var/run/postgresql",
                            db.replace("'", "")),
@@ -2552,6 +2552,14 @@ def test_cron_line_runs_in_crons_bare_environment(db, cache, tmp_path):
         page = make_page(cache, "www/a")
         touch_port(db, "www/a")
         wait_for(lambda: not page.exists(), what="a change cleared by the cron-started daemon")
+        # The README's pkill pattern picks out this daemon alone.
+        pattern = "listen_clear_cache.py --cache-dir %s$" % cache
+        pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+        assert len(pids.stdout.split()) == 1, pids
+        page = make_page(cache, "www/b")
+        queue_quietly(db, "www", "b")
+        subprocess.run(["pkill", "-HUP", "-f", pattern], check=True)
+        wait_for(lambda: not page.exists(), what="pkill -HUP to flush")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, log.read_text()
@@ -2585,6 +2593,51 @@ def test_systemd_unit_settings():
             text=True)
         assert "Unknown key" not in result.stderr and "Invalid" not in result.stderr, \
             result.stderr
+
+
+def run_script(tmp_path, **env):
+    """contrib's daemontools run script, run once with env/ holding env; its result."""
+    svc = tmp_path / "svc"
+    shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
+    for name, value in env.items():
+        (svc / "env" / name).write_text(value + "\n")
+    return subprocess.run(["./run"], cwd=svc, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"]})
+
+
+def test_daemontools_run_script_says_what_is_wrong_before_starting(tmp_path, cache):
+    cases = [({"LCC_ACCOUNT": "no_such_account_lcc"}, "no account no_such_account_lcc"),
+             ({"LCC_ACCOUNT": "", "LCC_HOME": str(tmp_path / "nowhere")},
+              "cannot run %s/nowhere/.venv/bin/python" % tmp_path),
+             ({"LCC_ACCOUNT": "", "LCC_HOME": str(HERE),
+               "CLEAR_CACHE_DIR": str(tmp_path / "missing")},
+              "cannot write the cache directory %s/missing" % tmp_path)]
+    for env, says in cases:
+        result = run_script(tmp_path / str(len(says)), **env)
+        assert result.returncode == 1, result
+        assert len(result.stdout.strip().splitlines()) == 1, result.stdout     # one line
+        assert result.stdout.startswith("listen-clear-cache run: ") and says in result.stdout, \
+            result.stdout
+
+
+def test_daemontools_run_script_warns_about_a_readable_secret(tmp_path, cache):
+    svc_env = {"LCC_ACCOUNT": "", "LCC_HOME": str(HERE), "CLEAR_CACHE_DIR": str(cache),
+               "CLEAR_CACHE_DSN": "host=127.0.0.1 port=%d connect_timeout=1" % free_port()}
+    svc = tmp_path / "svc"
+    shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
+    for name, value in svc_env.items():
+        (svc / "env" / name).write_text(value + "\n")
+    for mode, warned in ((0o644, True), (0o600, False)):
+        (svc / "env" / "CLEAR_CACHE_DSN").chmod(mode)
+        proc = subprocess.Popen(["./run"], cwd=svc, stdout=subprocess.PIPE, text=True,
+                                env={"PATH": os.environ["PATH"]})
+        try:
+            first = proc.stdout.readline()      # the warning, or the daemon's first line
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+        assert ("env/CLEAR_CACHE_DSN is readable by everyone; chmod 600 it" in first) == warned, \
+            first
 
 
 def test_daemontools_files_are_complete():
