@@ -153,3 +153,14 @@ CREATE TRIGGER ports_cache_clearing_notify
     FOR EACH STATEMENT EXECUTE FUNCTION ports_cache_clearing_notify();
 
 COMMIT;
+
+-- Least privilege: the daemon and the clearer need these, and nothing more
+-- (the queue's trigger, which they fire when they queue re-clears, runs with
+-- their rights).  Connecting also needs CONNECT on the database and USAGE on
+-- the schema, which PostgreSQL grants to PUBLIC by default; a hardened
+-- cluster must grant them too.
+--
+--   CREATE ROLE freshports_cache LOGIN;
+--   GRANT SELECT, INSERT, DELETE ON ports_cache_clearing TO freshports_cache;
+--   GRANT USAGE ON SEQUENCE ports_cache_clearing_id_seq TO freshports_cache;
+--   GRANT SELECT ON cache_consumers TO freshports_cache;

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -247,8 +248,14 @@ def clearer_children(pid):
         children = Path("/proc/%d/task/%d/children" % (pid, pid)).read_text().split()
     except FileNotFoundError:
         return []
-    return [int(c) for c in children
-            if CLEAR.encode() in Path("/proc/%s/cmdline" % c).read_bytes()]
+    found = []
+    for child in children:
+        try:
+            if CLEAR.encode() in Path("/proc/%s/cmdline" % child).read_bytes():
+                found.append(int(child))
+        except (FileNotFoundError, ProcessLookupError):
+            pass        # it exited while we looked
+    return found
 
 
 class Proxy:
@@ -1107,6 +1114,14 @@ def test_runtime_requirements_are_psycopg2_alone():
     assert "-r requirements.txt" in dev and "pytest==" in dev
 
 
+def test_a_bad_number_of_seconds_says_what_was_expected(cache):
+    result = subprocess.run([sys.executable, LISTEN, "--cache-dir", str(cache),
+                             "--heartbeat", "abc"], capture_output=True, text=True, timeout=30)
+    assert_one_line_error(result, 2)
+    assert "argument --heartbeat: expected a number of seconds > 0, got 'abc'" in \
+        result.stderr, result.stderr
+
+
 def test_daemon_config_errors_exit_2_before_connecting(tmp_path, cache):
     cases = [["--cache-dir", str(tmp_path / "missing")],
              ["--cache-dir", str(cache), "--dsn", "host='unterminated"],
@@ -1640,6 +1655,42 @@ def test_check_says_unknown_for_what_it_cannot_know(db, admin_dsn):
     assert check(dsn=admin_dsn).stdout.startswith("CLEAR_CACHE UNKNOWN - ")
 
 
+# ---------------------------------------------------------- least privilege
+
+GRANTS = [line[len("--   "):] for line in Path(SCHEMA).read_text().splitlines()
+          if line.startswith("--   ") and line.rstrip().endswith(";")]
+
+
+@pytest.fixture
+def least(db):
+    """A role with exactly schema.sql's grants; its DSN."""
+    role = "lcc_least_%d" % os.getpid()
+    sql(db, "DROP ROLE IF EXISTS %s" % role)
+    for grant in GRANTS:
+        sql(db, grant.replace("freshports_cache", role))
+    yield psycopg2.extensions.make_dsn(db, user=role)
+    sql(db, "DROP OWNED BY %s; DROP ROLE %s" % (role, role))
+
+
+def test_least_privilege_is_enough_and_no_more(db, cache, daemon, least):
+    assert len(GRANTS) == 4, GRANTS
+    add_ports(db, "www/a", "www/b")
+    page = make_page(cache, "www/a")
+    result = clear(dsn=least, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists() and queued(db) == []
+    d = daemon(cache, "--heartbeat", "1", dsn=least)
+    d.wait_ready()
+    page = make_page(cache, "www/b")
+    touch_port(db, "www/b")
+    wait_for(lambda: not page.exists(), what="a change cleared by the daemon as that role")
+    wait_for(lambda: all_queued(db) == [], timeout=30, what="its re-clear too")
+    assert check(dsn=least).returncode == 0
+    assert "ERROR" not in d.log() and "WARNING" not in d.log(), d.log()
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        sql(least, "UPDATE ports SET version = 'x'")
+
+
 # ------------------------------------------------------- the warm clearer
 
 def waiting_clearer(d, count=1):
@@ -1882,15 +1933,19 @@ def test_no_lost_invalidation_under_load(db, cache, daemon, figures, kill_cleare
                                         args=(d.proc.pid, stop, kills)))
     for h in helpers:
         h.start()
-    threads = writers.start(*[(w, committed_ports, 500, rollback_ports) for w in range(8)])
-    for t in threads:
-        t.join()
-    if kill_clearers:
-        # A killed run is retried, so the killer always finds its clearers.
-        wait_for(lambda: len(kills) == KILLS, timeout=120, what="%d clearers killed" % KILLS)
-    stop.set()
-    for h in helpers:
-        h.join()
+    try:
+        threads = writers.start(*[(w, committed_ports, 500, rollback_ports)
+                                  for w in range(8)])
+        for t in threads:
+            t.join()
+        if kill_clearers:
+            # A killed run is retried, so the killer always finds its clearers.
+            wait_for(lambda: len(kills) == KILLS, timeout=120,
+                     what="%d clearers killed" % KILLS)
+    finally:
+        stop.set()      # never leave a flusher behind: it would empty later tests' queue
+        for h in helpers:
+            h.join()
     wait_for(lambda: drained(db, writers), timeout=120, what="every committed change cleared")
     committed = sum(len(p) for p in writers.committed.values())
     assert committed >= 8 * 450 - writers.uncertain
@@ -2638,6 +2693,70 @@ def test_daemontools_run_script_warns_about_a_readable_secret(tmp_path, cache):
             proc.wait(timeout=20)
         assert ("env/CLEAR_CACHE_DSN is readable by everyone; chmod 600 it" in first) == warned, \
             first
+
+
+@pytest.fixture
+def account(db, tmp_path):
+    """An unprivileged account with a role of least privilege, and a checkout it can run."""
+    if os.geteuid() != 0:
+        pytest.fail("creating an account needs root", pytrace=False)
+    name = "lcc_acct_%d" % os.getpid()
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    name], check=True)
+    for grant in ["CREATE ROLE %s LOGIN" % name] + GRANTS[1:]:
+        sql(db, grant.replace("freshports_cache", name))
+    # pyenv's interpreters live in root's mode-700 home: Debian's python3 it is,
+    # in a directory the account can read.
+    home = Path(tempfile.mkdtemp(prefix="lcc-checkout-"))
+    home.chmod(0o755)
+    for script in ("clear_cache.py", "listen_clear_cache.py", "requirements.txt"):
+        shutil.copy(HERE / script, home / script)
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(home / ".venv")], check=True)
+    subprocess.run([str(home / ".venv/bin/python"), "-m", "pip", "install", "-q", "-r",
+                    str(home / "requirements.txt")], check=True, capture_output=True)
+    yield name, home
+    shutil.rmtree(home, ignore_errors=True)
+    sql(db, "DROP OWNED BY %s; DROP ROLE %s" % (name, name))
+    subprocess.run(["userdel", name], check=False)
+
+
+def test_daemontools_run_script_runs_the_daemon_as_its_account(db, tmp_path, account):
+    name, home = account
+    add_ports(db, "www/a")
+    # Beside the checkout: pytest's own temporary directories are root's alone.
+    # setuidgid sets the primary group only: the cache is writable through it.
+    cache = home / "cache"
+    cache.mkdir()
+    shutil.chown(cache, group=name)
+    cache.chmod(0o775)
+    svc = tmp_path / "svc"
+    shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
+    for var, value in {"LCC_ACCOUNT": name, "LCC_HOME": str(home),
+                       "CLEAR_CACHE_DIR": str(cache), "CLEAR_CACHE_PAGES": "",
+                       "CLEAR_CACHE_DSN": psycopg2.extensions.make_dsn(db, user=name)}.items():
+        (svc / "env" / var).write_text(value + "\n")
+    (svc / "env" / "CLEAR_CACHE_DSN").chmod(0o600)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["./run"], cwd=svc, stdout=out, stderr=out,
+                                env={"PATH": os.environ["PATH"]})
+    try:
+        wait_for(lambda: "listening" in log.read_text(), what="the daemon as " + name)
+        pid = wait_for(lambda: backends(db, "listen_clear_cache.py"), what="its backend")
+        assert sql(db, "SELECT usename FROM pg_stat_activity WHERE pid = %s",
+                   (pid[0],)) == [(name,)]
+        assert Path("/proc/%d/status" % proc.pid).read_text().count(
+            "Uid:\t%d\t" % int(subprocess.run(["id", "-u", name], capture_output=True,
+                                               text=True).stdout)) == 1
+        page = make_page(cache, "www/a")
+        page.parent.chmod(0o777)
+        touch_port(db, "www/a")
+        wait_for(lambda: not page.exists(), what="a change cleared by the account's daemon")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "Traceback" not in log.read_text() and "warning" not in log.read_text(), \
+        log.read_text()
 
 
 def test_daemontools_files_are_complete():
