@@ -536,10 +536,13 @@ def roll_back(cur):
 def clear_snapshot(cur, clearer, config, give_up, answered):
     """Clear the ports due in this transaction's snapshot, delete their rows, queue re-clears."""
     # Deduplicate in the database: a backlog can hold a million rows.
-    # A lock not granted within give_up fails the run: it is retried later.
-    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s; "
-                + SELECT_DUE, ["%dms" % (give_up * 1000), config.consumer])
+    # The first answer proves the server reachable (no paused pooler): a cheap
+    # statement, so that the deadline never cuts short the SELECT of a large
+    # backlog.  A lock not granted within give_up fails the run: it is retried.
+    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
+                ["%dms" % (give_up * 1000)])
     answered()
+    cur.execute(SELECT_DUE, [config.consumer])
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
     changed = {}    # (category, port) -> queued by a change, not only by a re-clear
