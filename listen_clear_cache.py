@@ -42,7 +42,6 @@ CALM = 60.0             # seconds between lines about a trouble that lasts
 UNANNOUNCED_EVERY = 3600.0      # seconds between warnings about lost notifications
 RUN_BACKOFF = 0.5, 60.0
 RUN_LIMIT = 3600.0      # seconds a clearer may run before it is killed: a backstop
-# Seconds until the earliest row falls due: <= 0 due now, NULL for none.
 # Seconds until this consumer's earliest row falls due (<= 0: due now; NULL:
 # none), and whether names are registered without this one.
 LOOK_QUERY = ("SELECT (SELECT EXTRACT(epoch FROM min(due_at) - now())::float8"
@@ -89,6 +88,11 @@ def backoff(failures, base_cap):
     """Seconds to wait after the n-th failure in a row: doubling, capped, jittered."""
     base, cap = base_cap
     return min(cap, base * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
+
+
+def exit_status(code):
+    """A child's exit code as a log says it: '1', or 'signal 9'."""
+    return str(code) if code >= 0 else "signal %d" % -code
 
 
 class Calm:
@@ -471,18 +475,15 @@ class Listener:
 
     def give_word(self):
         """Hand the run to the waiting clearer; False if it is gone."""
-        waiter, self.waiter = self.waiter, None
         try:
             os.write(self.word_fd, b"!")
         except OSError:
-            self.waiter = waiter        # dead: reap_clearer says so
-            self.dismiss_waiter()
-            return False
+            return False        # it died: reap_clearer says so and replaces it
         finally:
             os.close(self.word_fd)
             self.word_fd = None
-        self.child = waiter
-        log.debug("clearer pid %d started: word given to the waiting clearer", waiter.pid)
+        self.child, self.waiter = self.waiter, None
+        log.debug("clearer pid %d started: word given to the waiting clearer", self.child.pid)
         return True
 
     def dismiss_waiter(self):
@@ -513,7 +514,7 @@ class Listener:
                 self.waiter = None
             else:
                 self.lose_waiter("lost the waiting clearer (pid %d, exit %s)" % (
-                    self.waiter.pid, code if code >= 0 else "signal %d" % -code))
+                    self.waiter.pid, exit_status(code)))
         if self.child is None:
             return
         code = self.child.poll()
@@ -526,8 +527,7 @@ class Listener:
             return
         pid, self.child = self.child.pid, None
         if code != 0:
-            self.fail_run("clearer pid %d exited with %s" % (
-                pid, code if code > 0 else "signal %d" % -code))
+            self.fail_run("clearer pid %d exited with %s" % (pid, exit_status(code)))
             return
         log.debug("clearer pid %d done", pid)
         self.run_failures = 0
