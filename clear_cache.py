@@ -56,7 +56,6 @@ MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
 DUE = "consumer = %s AND due_at <= now()"
 SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
               + DUE)
-# True when names are registered, and %s is not among them.
 OK, WARNING, CRITICAL, UNKNOWN = range(4)     # Nagios plugin exit codes
 STATUS = ["OK", "WARNING", "CRITICAL", "UNKNOWN"]
 # Due rows, the age of the oldest in seconds, and this database's daemons for a consumer.
@@ -64,6 +63,7 @@ CHECK_QUERY = ("SELECT count(*), coalesce(EXTRACT(epoch FROM now() - min(due_at)
                " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                " AND application_name = %s)"
                " FROM ports_cache_clearing WHERE consumer = %s AND due_at <= now()")
+# True when names are registered, and %s is not among them.
 UNREGISTERED = ("(EXISTS (SELECT FROM cache_consumers)"
                 " AND NOT EXISTS (SELECT FROM cache_consumers WHERE name = %s))")
 # Sessions that wait on purpose; set_config, since PostgreSQL 13 has no
@@ -111,15 +111,9 @@ def main(argv=None):
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    try:
-        give_up = args.give_up_after or seconds(0, strict=True)(
-            os.environ.get("CLEAR_CACHE_GIVE_UP_AFTER") or "30")
-    except argparse.ArgumentTypeError as e:
-        log.error("CLEAR_CACHE_GIVE_UP_AFTER: %s", e)
-        return 2
     conn = None
     if args.warm is not None:
-        conn = wait_for_word(args.warm, config, give_up)
+        conn = wait_for_word(args.warm, config)
         if conn is False:
             return 0        # the daemon is gone: nobody wants this run
     started = time.monotonic()
@@ -129,7 +123,7 @@ def main(argv=None):
         rows = 0
     else:
         try:
-            rows, failed = flush_queue(config, clearer, give_up, conn)
+            rows, failed = flush_queue(config, clearer, conn)
         except psycopg2.Error as e:
             log.error("database error: %s", db_error(e))
             return 1
@@ -190,12 +184,13 @@ class ConfigError(Exception):
 class Config:
     """What both scripts are told: by option, else by environment, else by default."""
 
-    def __init__(self, dsn, cache_dir, templates, again_after, consumer):
+    def __init__(self, dsn, cache_dir, templates, again_after, consumer, give_up):
         self.dsn = dsn
         self.cache_dir = cache_dir
         self.templates = templates
         self.again_after = again_after
         self.consumer = consumer
+        self.give_up = give_up
 
     def environ(self):
         """The environment that hands this configuration to a clearer."""
@@ -279,17 +274,28 @@ def load_config(args, database=True, cache=True):
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or set CLEAR_CACHE_DIR")
     pages = args.pages or os.environ.get("CLEAR_CACHE_PAGES", "").split() or DEFAULT_PAGES
-    again_after = args.again_after
-    if again_after is None:
-        try:
-            again_after = seconds(0)(os.environ.get("CLEAR_CACHE_AGAIN_AFTER")
-                                     or str(DEFAULT_AGAIN_AFTER))
-        except argparse.ArgumentTypeError as e:
-            raise ConfigError("CLEAR_CACHE_AGAIN_AFTER: %s" % e) from None
+    again_after = seconds_setting(args.again_after, "CLEAR_CACHE_AGAIN_AFTER",
+                                  DEFAULT_AGAIN_AFTER, seconds(0))
+    # Only a clearing run has a deadline: the daemon hands its clearers its
+    # heartbeat instead, and --check (no cache) needs none.
+    give_up = None
+    if cache and hasattr(args, "give_up_after"):
+        give_up = seconds_setting(args.give_up_after, "CLEAR_CACHE_GIVE_UP_AFTER", 30,
+                                  seconds(0, strict=True))
     consumer = args.consumer if args.consumer is not None else os.environ.get(
         "CLEAR_CACHE_CONSUMER", "")
     return Config(dsn, os.path.abspath(cache_dir), [Template(t) for t in pages],
-                  again_after, consumer)
+                  again_after, consumer, give_up)
+
+
+def seconds_setting(value, variable, default, parse):
+    """An option's number of seconds, else its environment variable's, else default."""
+    if value is not None:
+        return value
+    try:
+        return parse(os.environ.get(variable) or str(default))
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError("%s: %s" % (variable, e)) from None
 
 
 def open_cache_dir(path):
@@ -436,7 +442,7 @@ def connect(dsn, **params):
     return psycopg2.connect(dsn, **params)
 
 
-def wait_for_word(fd, config, give_up):
+def wait_for_word(fd, config):
     """Connect ahead, then wait for the daemon's word on fd.
 
     Returns the connection (None if it could not be kept: the run connects
@@ -445,7 +451,7 @@ def wait_for_word(fd, config, give_up):
     conn = None
     try:
         conn = connect(config.dsn, fallback_application_name=WARM_NAME,
-                       connect_timeout=math.ceil(give_up))
+                       connect_timeout=math.ceil(config.give_up))
         conn.autocommit = True
         with conn.cursor() as cur:
             # A new backend plans its first query slowly while it fills its
@@ -473,30 +479,28 @@ def wait_for_word(fd, config, give_up):
             conn = None
 
 
-def flush_queue(config, clearer, give_up, conn=None):
+def flush_queue(config, clearer, conn=None):
     """Clear every due port in one transaction; return (rows deleted, failed ports).
 
     conn, if given, was opened before the run was asked for; should it turn
     out to be dead, the run connects again.  A server that has not answered
-    the first statement give_up seconds from now makes the process exit 1:
+    the first statement config.give_up seconds from now makes the process exit 1:
     a paused pooler, a lock.  Once it has, the run works on to its end.
     """
     ahead = conn is not None
-    deadline = threading.Timer(give_up, give_up_now, [give_up])
+    deadline = threading.Timer(config.give_up, give_up_now, [config.give_up])
     deadline.daemon = True
     deadline.start()
     try:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 # libpq rounds a connect_timeout under 2 s up to 2: the timer holds.
-                conn = conn or connect(config.dsn, connect_timeout=math.ceil(give_up))
-                # clear_snapshot sends BEGIN with its first query: one round
-                # trip less on the way from a change to its page gone.
+                conn = conn or connect(config.dsn, connect_timeout=math.ceil(config.give_up))
+                # clear_snapshot sends BEGIN itself, with the lock_timeout.
                 conn.autocommit = True
                 with conn.cursor() as cur:
                     try:
-                        return clear_snapshot(cur, clearer, config, give_up,
-                                              deadline.cancel)
+                        return clear_snapshot(cur, clearer, config, deadline.cancel)
                     except BaseException:
                         roll_back(cur)
                         raise
@@ -533,15 +537,15 @@ def roll_back(cur):
         pass
 
 
-def clear_snapshot(cur, clearer, config, give_up, answered):
+def clear_snapshot(cur, clearer, config, answered):
     """Clear the ports due in this transaction's snapshot, delete their rows, queue re-clears."""
-    # Deduplicate in the database: a backlog can hold a million rows.
     # The first answer proves the server reachable (no paused pooler): a cheap
     # statement, so that the deadline never cuts short the SELECT of a large
     # backlog.  A lock not granted within give_up fails the run: it is retried.
     cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
-                ["%dms" % (give_up * 1000)])
+                ["%dms" % (config.give_up * 1000)])
     answered()
+    # Deduplicate in the database: a backlog can hold a million rows.
     cur.execute(SELECT_DUE, [config.consumer])
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
@@ -675,47 +679,47 @@ class Clearer:
         Sorted, targets that share directories come together: each directory
         is opened once per run, and only those along one path are open.
         """
-        opened = []     # (name, fd) along the current path; fd None: nothing, or broken
-        broken = set()  # directory paths that could not be opened
+        # (name, fd, ok) along the current path.  fd None: nothing to clear
+        # there; ok False: it, or a directory above it, could not be opened.
+        opened = [("", self.cache_fd, True)]
         try:
             for dirs, last, pattern in sorted(targets):
-                same = 0
-                while same < min(len(opened), len(dirs)) and opened[same][0] == dirs[same]:
+                same = 1
+                while (same < min(len(opened), len(dirs) + 1)
+                       and opened[same][0] == dirs[same - 1]):
                     same += 1
                 while len(opened) > same:
                     fd = opened.pop()[1]
                     if fd is not None:
                         os.close(fd)
-                for depth in range(len(opened), len(dirs)):
-                    parent = opened[-1][1] if opened else self.cache_fd
-                    fd = None if parent is None else self.open_dir(parent, dirs[:depth + 1],
-                                                                   broken)
-                    opened.append((dirs[depth], fd))
-                fd = opened[-1][1] if opened else self.cache_fd
-                if fd is None:
-                    ok = not any(dirs[:n] in broken for n in range(1, len(dirs) + 1))
-                else:
+                for depth in range(len(opened), len(dirs) + 1):
+                    _, parent, ok = opened[-1]
+                    fd, ok = (None, ok) if parent is None else self.open_dir(parent,
+                                                                             dirs[:depth])
+                    opened.append((dirs[depth - 1], fd, ok))
+                _, fd, ok = opened[-1]
+                if fd is not None:
                     ok = self.remove(fd, dirs, last, pattern)
                 if not ok:
                     yield dirs, last, pattern
         finally:
-            for _, fd in opened:
+            for _, fd, _ in opened[1:]:
                 if fd is not None:
                     os.close(fd)
 
-    def open_dir(self, parent_fd, dirs, broken):
-        """The fd of directory dirs, or None: nothing to clear there, or broken."""
+    def open_dir(self, parent_fd, dirs):
+        """(fd, True) of directory dirs; (None, True): nothing to clear; (None, False): failed."""
         try:
-            return open_subdir(parent_fd, dirs[-1])
+            return open_subdir(parent_fd, dirs[-1]), True
         except FileNotFoundError:
-            pass
+            return None, True
         except NotADirectoryError as e:
             # Not ours to follow; retrying would not change it.
             log.warning("%s: %s, not entered", self.path(*dirs), e.strerror)
+            return None, True
         except OSError as e:
             log.error("cannot open %s: %s", self.path(*dirs), e.strerror)
-            broken.add(dirs)
-        return None
+            return None, False
 
     def remove(self, dir_fd, dirs, last, pattern):
         """Unlink the non-directory entries last names; False when one stays."""
