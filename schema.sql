@@ -51,23 +51,27 @@ ALTER SEQUENCE ports_cache_clearing_id_seq CACHE 100;
 
 -- Statement-level, with transition tables: one INSERT ... SELECT per
 -- statement instead of one per row.  The pairs are distinct already, since
--- (category, name) is UNIQUE.
+-- (category, name) is UNIQUE.  The changed rows are named by the event, hence
+-- EXECUTE: a transition table exists only in the trigger made for its event.
+-- No LEFT JOIN for consumer '': on an empty cache_consumers it made an UPDATE
+-- of 30,000 ports cost 15-20 ms more.
 CREATE OR REPLACE FUNCTION ports_queue_cache_clearing() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    changed text := CASE TG_OP WHEN 'DELETE' THEN 'old_rows'
+                               WHEN 'TRUNCATE' THEN 'ports' ELSE 'new_rows' END;
+    queued bigint := 0;
 BEGIN
-    -- The LEFT JOIN gives one row for consumer '' while none is registered.
-    IF TG_OP = 'DELETE' THEN
-        INSERT INTO ports_cache_clearing (category, port, consumer)
-            SELECT r.category, r.name, coalesce(c.name, '')
-            FROM old_rows r LEFT JOIN cache_consumers c ON true;
-    ELSIF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO ports_cache_clearing (category, port, consumer)
-            SELECT r.category, r.name, coalesce(c.name, '')
-            FROM ports r LEFT JOIN cache_consumers c ON true;
-    ELSE
-        INSERT INTO ports_cache_clearing (category, port, consumer)
-            SELECT r.category, r.name, coalesce(c.name, '')
-            FROM new_rows r LEFT JOIN cache_consumers c ON true;
+    IF EXISTS (SELECT FROM cache_consumers) THEN
+        EXECUTE format('INSERT INTO ports_cache_clearing (category, port, consumer)'
+                       ' SELECT r.category, r.name, c.name'
+                       ' FROM %I r CROSS JOIN cache_consumers c', changed);
+        GET DIAGNOSTICS queued = ROW_COUNT;
+    END IF;
+    -- None registered, or the last one retired since the line above.
+    IF queued = 0 THEN
+        EXECUTE format('INSERT INTO ports_cache_clearing (category, port)'
+                       ' SELECT category, name FROM %I', changed);
     END IF;
     RETURN NULL;
 END
