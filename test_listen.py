@@ -1506,6 +1506,16 @@ def test_trigger_queues_one_row_per_registered_consumer(db, consumers):
         ("web1", "nginx"), ("web2", "nginx")]
 
 
+@pytest.mark.parametrize("change", ["UPDATE ports SET version = '2'", "DELETE FROM ports",
+                                    "TRUNCATE ports"])
+def test_each_kind_of_change_queues_one_row_per_registered_consumer(db, consumers, change):
+    add_ports(db, "www/a")
+    sql(db, "TRUNCATE ports_cache_clearing")
+    sql(db, change)
+    assert sorted(sql(db, "SELECT consumer, category, port FROM ports_cache_clearing")) == [
+        ("web1", "www", "a"), ("web2", "www", "a")]
+
+
 def test_a_manual_flush_for_an_unregistered_consumer_exits_2(db, cache, consumers):
     add_ports(db, "www/a")
     for args in ([], ["--consumer", "web3"]):
