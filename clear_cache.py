@@ -672,7 +672,7 @@ class Clearer:
         # Sorted, targets that share directories come together.  A large batch
         # is cut into UNLINK_THREADS runs of them: unlinking pages that were
         # written back to disk mostly waits on the filesystem (a backlog of
-        # 30,000 took 4.1-4.5 s here, 2.7-3.0 s in 3 threads).  A dry run
+        # 30,000 took 4.1-4.5 s here, 2.6-3.3 s in 3 threads).  A dry run
         # prints in order.
         ordered = sorted(targets)
         size = len(ordered) or 1
