@@ -675,9 +675,8 @@ class Clearer:
         # 30,000 took 4.1-4.5 s here, 2.6-3.3 s in 3 threads).  A dry run
         # prints in order.
         ordered = sorted(targets)
-        size = len(ordered) or 1
-        if not self.dry_run:
-            size = max(math.ceil(size / UNLINK_THREADS), THREADS_FROM)
+        size = max(THREADS_FROM, len(ordered) if self.dry_run
+                   else math.ceil(len(ordered) / UNLINK_THREADS))
         parts = [ordered[i:i + size] for i in range(0, len(ordered), size)] or [[]]
         helpers = [InThread(self.clear_targets, part) for part in parts[1:]]
         try:

@@ -775,7 +775,7 @@ def test_undeletable_file_keeps_its_port_queued(db, cache):
 
 
 def test_a_large_batch_is_cleared_in_parts_and_each_failed_port_stays_queued(db, cache):
-    """Past a few thousand pages the clearer unlinks in threads; each part's failures count."""
+    """Past 1,000 targets the clearer unlinks in threads; each part's failures count."""
     sql(db, "INSERT INTO ports (category, name, version)"
         " SELECT 'c' || i % 4, 'p' || i, '1' FROM generate_series(1, 4000) AS i")
     ports = sorted(sql(db, "SELECT category, name FROM ports"))
