@@ -49,12 +49,14 @@ pg-answers: venv
 test: pg-answers $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(PYTEST_OPTS) test_listen.py
 
+# The commands it prints make the page after the INSERT's own clear, and list
+# it again after a pause: an `ls` right after psql can beat the daemon's few ms.
 run: pg-answers
 	$(PSQL) -q -v ON_ERROR_STOP=1 -f schema.sql
 	mkdir -p $(CACHE_DIR)
-	@echo "To see it work, in another terminal: make a port and its page, then change the port:"
-	@echo "  psql -c \"INSERT INTO ports (category, name, version) VALUES ('www', 'nginx', '1')\"; mkdir -p $(CACHE_DIR)/www/nginx; echo page > $(CACHE_DIR)/www/nginx/index.html"
-	@echo "  psql -c \"UPDATE ports SET version = '2' WHERE category = 'www' AND name = 'nginx'\"; ls $(CACHE_DIR)/www/nginx"
+	@echo "To see it work, in another terminal: make a port, then cache its page and change the port:"
+	@echo "  psql -c \"INSERT INTO ports (category, name, version) VALUES ('www', 'nginx', '1')\"; mkdir -p $(CACHE_DIR)/www/nginx"
+	@echo "  echo page > $(CACHE_DIR)/www/nginx/index.html; ls $(CACHE_DIR)/www/nginx; psql -c \"UPDATE ports SET version = '2' WHERE category = 'www' AND name = 'nginx'\"; sleep 1; ls $(CACHE_DIR)/www/nginx"
 	$(PY) listen_clear_cache.py --cache-dir $(CACHE_DIR)
 
 flush: pg-answers

@@ -141,6 +141,16 @@ def clear(*args, dsn, cache=None, env=None):
                           text=True, timeout=60)
 
 
+def libpq_env(dsn):
+    """The environment without PG* and CLEAR_* settings, then PG* naming dsn's database."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CLEAR_"))}
+    env.update(PGDATABASE=params["dbname"], PGUSER=params.get("user", ""))
+    if "host" in params:
+        env["PGHOST"] = params["host"]
+    return env
+
+
 def assert_one_line_error(result, code):
     """The process failed with the given code, one line on stderr, no traceback."""
     assert result.returncode == code, result.stderr
@@ -676,14 +686,9 @@ def test_dsn_from_environment_then_libpq_defaults(db, cache):
     assert result.returncode == 0, result.stderr
     assert not page.exists()
     # With neither --dsn nor CLEAR_CACHE_DSN, libpq's PG* variables decide.
-    params = psycopg2.extensions.parse_dsn(db)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CLEAR_"))}
-    env.update(PGDATABASE=params["dbname"], PGUSER=params.get("user", ""))
-    if "host" in params:
-        env["PGHOST"] = params["host"]
     add_ports(db, "www/b")
     page = make_page(cache, "www/b")
-    result = subprocess.run([sys.executable, CLEAR, "--cache-dir", str(cache)], env=env,
+    result = subprocess.run([sys.executable, CLEAR, "--cache-dir", str(cache)], env=libpq_env(db),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert not page.exists()
@@ -2513,6 +2518,30 @@ def test_daemon_retries_database_errors_calmly_without_spinning(db, cache, daemo
 
 
 # ------------------------------------------------- deployment recipes (contrib/)
+
+def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
+    """Run as printed, in another shell: the page is listed, then the UPDATE clears it."""
+    cache, out, err = tmp_path / "cache", tmp_path / "out", tmp_path / "err"
+    env = libpq_env(db)
+    venv = Path(sys.executable).parent.parent       # the one this suite runs in
+    with out.open("w") as stdout, err.open("w") as stderr:
+        make = subprocess.Popen(["make", "-s", "run", "CACHE_DIR=%s" % cache,
+                                 "VENV=%s" % venv], cwd=HERE, env=env, stdout=stdout,
+                                stderr=stderr, start_new_session=True)
+    try:
+        wait_for(lambda: "listening" in err.read_text(), what="make run's daemon")
+        commands = [line.strip() for line in out.read_text().splitlines()
+                    if line.startswith("  ")]
+        assert len(commands) == 2, out.read_text()
+        subprocess.run(["bash", "-c", commands[0]], cwd=HERE, env=env, check=True)
+        page = cache / "www" / "nginx" / "index.html"
+        shown = subprocess.run(["bash", "-c", commands[1]], cwd=HERE, env=env, check=True,
+                               capture_output=True, text=True).stdout
+        assert shown.splitlines()[:2] == ["index.html", "UPDATE 1"]
+        wait_for(lambda: not page.exists(), what="the page to go")
+    finally:
+        os.killpg(make.pid, signal.SIGTERM)
+        make.wait(timeout=15)
 
 CONTRIB = HERE / "contrib"
 
