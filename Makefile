@@ -54,9 +54,10 @@ test: pg-answers $(VENV)/.dev-installed
 run: pg-answers
 	$(PSQL) -q -v ON_ERROR_STOP=1 -f schema.sql
 	mkdir -p $(CACHE_DIR)
-	@echo "To see it work, in another terminal: make a port, then cache its page and change the port:"
-	@echo "  psql -c \"INSERT INTO ports (category, name, version) VALUES ('www', 'nginx', '1')\"; mkdir -p $(CACHE_DIR)/www/nginx"
-	@echo "  echo page > $(CACHE_DIR)/www/nginx/index.html; ls $(CACHE_DIR)/www/nginx; psql -c \"UPDATE ports SET version = '2' WHERE category = 'www' AND name = 'nginx'\"; sleep 1; ls $(CACHE_DIR)/www/nginx"
+	@echo "To see it work, in another terminal: make a port (its pages are cleared now and again 5 s later, as for any change),"
+	@echo "  psql -c \"INSERT INTO ports (category, name, version) VALUES ('www', 'nginx', '1')\""
+	@echo "then, after those 5 s, cache its page, change the port and see the page go:"
+	@echo "  mkdir -p $(CACHE_DIR)/www/nginx; echo page > $(CACHE_DIR)/www/nginx/index.html; ls $(CACHE_DIR)/www/nginx; psql -c \"UPDATE ports SET version = '2' WHERE category = 'www' AND name = 'nginx'\"; sleep 1; ls $(CACHE_DIR)/www/nginx"
 	$(PY) listen_clear_cache.py --cache-dir $(CACHE_DIR)
 
 flush: pg-answers

@@ -2520,7 +2520,7 @@ def test_daemon_retries_database_errors_calmly_without_spinning(db, cache, daemo
 # ------------------------------------------------- deployment recipes (contrib/)
 
 def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
-    """Run as printed, in another shell: the page is listed, then the UPDATE clears it."""
+    """Run as printed, the second after the re-clear: page listed, then the UPDATE clears it."""
     cache, out, err = tmp_path / "cache", tmp_path / "out", tmp_path / "err"
     env = libpq_env(db)
     venv = Path(sys.executable).parent.parent       # the one this suite runs in
@@ -2534,6 +2534,8 @@ def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
                     if line.startswith("  ")]
         assert len(commands) == 2, out.read_text()
         subprocess.run(["bash", "-c", commands[0]], cwd=HERE, env=env, check=True)
+        # "after those 5 s": the new port's clear and re-clear are done
+        wait_for(lambda: not all_queued(db), what="the new port's re-clear")
         page = cache / "www" / "nginx" / "index.html"
         shown = subprocess.run(["bash", "-c", commands[1]], cwd=HERE, env=env, check=True,
                                capture_output=True, text=True).stdout
