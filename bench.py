@@ -393,14 +393,24 @@ def measure_trigger(db, work):
     cur.execute("ALTER TABLE ports ENABLE TRIGGER USER")
     conn.close()
     with_, without, three = (statistics.median(timings[m]) * 1000 for m in modes)
+    # A round's three samples ran back to back, so a slow spell of the disk
+    # that spans a few rounds weighs on both sides of each round's ratio; the
+    # ratio of the medians mixed samples from different spells (1.15-1.45 in
+    # nine runs of this measure here, against 1.17-1.22 for the rounds' median).
+    ratios = [w / o for w, o in zip(timings["with"], timings["without"])]
+    ratios3 = [t / o for t, o in zip(timings["three consumers"], timings["without"])]
     return [info("trigger: 30k-row UPDATE and COMMIT without / with triggers / with 3"
                  " consumers, median of %d" % TRIGGER_REPEATS,
                  "%.0f ms / %.0f ms / %.0f ms" % (without, with_, three)),
-            check("trigger: cost ratio", with_ / without, 1.35, "", "%.2f"),
+            info("trigger: each round's ratio, lowest / highest, with triggers; with 3"
+                 " consumers", "%.2f / %.2f; %.2f / %.2f" % (min(ratios), max(ratios),
+                                                            min(ratios3), max(ratios3))),
+            check("trigger: cost ratio, median of the rounds'", statistics.median(ratios),
+                  1.35, "", "%.2f"),
             check("trigger: queue rows added by the 30k-row UPDATE", added, TRIGGER_ROWS, "",
                   "%d"),
-            check("trigger: cost ratio with 3 registered consumers", three / without,
-                  1 + 0.5 * 3, "", "%.2f")]
+            check("trigger: cost ratio with 3 registered consumers, median of the rounds'",
+                  statistics.median(ratios3), 1 + 0.5 * 3, "", "%.2f")]
 
 
 MEASURES = [measure_latency, measure_burst, measure_backlog, measure_trigger]
