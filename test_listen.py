@@ -2533,6 +2533,7 @@ def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
         commands = [line.strip() for line in out.read_text().splitlines()
                     if line.startswith("  ")]
         assert len(commands) == 2, out.read_text()
+        assert "after those 5 s" in out.read_text()     # the user is told to wait
         subprocess.run(["bash", "-c", commands[0]], cwd=HERE, env=env, check=True)
         # "after those 5 s": the new port's clear and re-clear are done
         wait_for(lambda: not all_queued(db), what="the new port's re-clear")
