@@ -16,6 +16,7 @@ import re
 import select
 import signal
 import socket
+import shlex
 import shutil
 import subprocess
 import sys
@@ -2664,23 +2665,43 @@ def test_cron_line_runs_in_crons_bare_environment(db, cache, tmp_path):
         command = command.replace(example, real)
     add_ports(db, "www/a")
     proc = subprocess.Popen(["env", "-i", "PATH=/usr/bin:/bin", "sh", "-c", command], cwd="/")
+    lookalike = None
     try:
         wait_for(lambda: log.exists() and "listening" in log.read_text(),
                  what="the daemon started from the cron line")
         page = make_page(cache, "www/a")
         touch_port(db, "www/a")
         wait_for(lambda: not page.exists(), what="a change cleared by the cron-started daemon")
-        # The README's pkill pattern picks out this daemon alone.
-        pattern = "listen_clear_cache.py --cache-dir %s$" % cache
-        pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-        assert len(pids.stdout.split()) == 1, pids
+        # The README's pkill commands pick out this daemon alone (env and sh
+        # exec'd into it), even beside a younger process with its command
+        # line, as a clearer it has forked has until its exec.
+        lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                      "listen_clear_cache.py", "--cache-dir", str(cache)])
+        flush, stop = readme_pkill("-HUP", cache), readme_pkill("-TERM", cache)
+        pgrep = ["pgrep"] + flush[2:]
+        assert subprocess.run(pgrep, capture_output=True, text=True).stdout.split() == [
+            str(proc.pid)]
         page = make_page(cache, "www/b")
         queue_quietly(db, "www", "b")
-        subprocess.run(["pkill", "-HUP", "-f", pattern], check=True)
+        subprocess.run(flush, check=True)
         wait_for(lambda: not page.exists(), what="pkill -HUP to flush")
+        subprocess.run(stop, check=True)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+        assert lookalike.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0, log.read_text()
+        proc.wait(timeout=20)
+        if lookalike:
+            lookalike.kill()
+            lookalike.wait()
+
+
+def readme_pkill(signal_option, cache):
+    """The README's cron pkill command for one signal, aimed at this cache directory."""
+    lines = [line.split("#")[0] for line in (HERE / "README.md").read_text().splitlines()
+             if line.strip().startswith("pkill %s " % signal_option)]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0].replace("/var/db/freshports/cache", str(cache)))
 
 
 def test_systemd_unit_settings():
