@@ -49,8 +49,9 @@ pg-answers: venv
 test: pg-answers $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(PYTEST_OPTS) test_listen.py
 
-# The commands it prints make the page after the INSERT's own clear, and list
-# it again after a pause: an `ls` right after psql can beat the daemon's few ms.
+# The commands it prints make the page only once the INSERT's own clear and
+# re-clear are done (the text says to wait), and list it again after a pause:
+# an `ls` right after psql can beat the daemon's few ms.
 run: pg-answers
 	$(PSQL) -q -v ON_ERROR_STOP=1 -f schema.sql
 	mkdir -p $(CACHE_DIR)

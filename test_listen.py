@@ -2548,6 +2548,7 @@ def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
         os.killpg(make.pid, signal.SIGTERM)
         make.wait(timeout=15)
 
+
 CONTRIB = HERE / "contrib"
 
 
