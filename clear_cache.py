@@ -15,42 +15,44 @@ just those ports and leaves the queue alone.  Exit status: 0 all handled,
 """
 
 import argparse
+import concurrent.futures
+import dataclasses
 import errno
 import fnmatch
+import glob
 import logging
 import math
 import os
 import re
-import select
 import stat
+import string
 import sys
 import threading
 import time
 
 try:
     import psycopg2
-    import psycopg2.errorcodes
     import psycopg2.extensions
-except ImportError:
-    # Run with an interpreter that lacks it, the system's python3 say.
-    sys.stderr.write("%s: psycopg2 is not installed for %s: run `make venv` and use"
-                     " .venv/bin/python\n" % (os.path.basename(sys.argv[0]), sys.executable))
-    sys.exit(2)
+except ImportError:     # said only where it is needed: --help and CATEGORY/PORT work without
+    psycopg2 = None
 
 NAME_MAX = 255
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
-RETRYABLE = {psycopg2.errorcodes.SERIALIZATION_FAILURE,
-             psycopg2.errorcodes.DEADLOCK_DETECTED}
-UNLINK_THREADS = 3      # for a large batch; see Clearer.clear_ports
+RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+UNDEFINED = {"42P01", "42703"}  # undefined_table, undefined_column
+UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits on the disk
 THREADS_FROM = 1000     # targets per thread at least: a small batch takes one
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
 DEFAULT_PAGES = ["{category}/{port}/*"]
 DEFAULT_AGAIN_AFTER = 5.0
+DEFAULT_GIVE_UP = 30.0
+RESERVED = ("later",)   # a notification's payload: no consumer may be called that
 WARM_NAME = "clear_cache.py (warm)"     # application_name of the daemon's waiting clearer
-PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PLACEHOLDERS = ("category", "port")
 GLOB = re.compile(r"[*?[]")
+FLAGS = {"1": True, "yes": True, "true": True, "on": True,
+         "0": False, "no": False, "false": False, "off": False}
 # A queue row q whose (category, port) is among two parallel arrays.
 MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
                  " WHERE f.c = q.category AND f.p = q.port)")
@@ -60,14 +62,20 @@ SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing
               + DUE)
 OK, WARNING, CRITICAL, UNKNOWN = range(4)     # Nagios plugin exit codes
 STATUS = ["OK", "WARNING", "CRITICAL", "UNKNOWN"]
-# Due rows, the age of the oldest in seconds, and this database's daemons for a consumer.
-CHECK_QUERY = ("SELECT count(*), coalesce(EXTRACT(epoch FROM now() - min(due_at)), 0)::float8,"
-               " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-               " AND application_name = %s)"
-               " FROM ports_cache_clearing WHERE consumer = %s AND due_at <= now()")
-# True when names are registered, and %s is not among them.
-UNREGISTERED = ("(EXISTS (SELECT FROM cache_consumers)"
-                " AND NOT EXISTS (SELECT FROM cache_consumers WHERE name = %s))")
+# For each consumer: its due rows, the age of the oldest in seconds, and the
+# daemons listening for it (by application_name, the second array).
+CHECK_QUERY = (
+    "SELECT c.name, count(q.*), coalesce(EXTRACT(epoch FROM now() - min(q.due_at)), 0)::float8,"
+    " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND application_name = c.daemon)"
+    " FROM unnest(%s::text[], %s::text[]) AS c(name, daemon)"
+    " LEFT JOIN ports_cache_clearing q ON q.consumer = c.name AND q.due_at <= now()"
+    " GROUP BY c.name, c.daemon ORDER BY c.name")
+REGISTERED = "SELECT name FROM cache_consumers ORDER BY name"
+# True when nothing is queued for consumer %(c)s: '' while names are
+# registered, or a name that is not registered (none may be).
+UNREGISTERED = ("CASE WHEN %(c)s = '' THEN EXISTS (SELECT FROM cache_consumers)"
+                " ELSE NOT EXISTS (SELECT FROM cache_consumers WHERE name = %(c)s) END")
 # Sessions that wait on purpose; set_config, since PostgreSQL 13 has no
 # idle_session_timeout.
 NO_IDLE_TIMEOUTS = ("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN"
@@ -78,60 +86,52 @@ log = logging.getLogger("clear_cache")
 
 
 def main(argv=None):
-    parser = Parser(description=__doc__)
-    add_common_options(parser)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print what would be removed, change nothing")
-    parser.add_argument("ports", nargs="*", metavar="CATEGORY/PORT",
-                        help="clear just these ports; the queue is not read")
-    parser.add_argument("--give-up-after", metavar="SECONDS", type=seconds(0, strict=True),
-                        help="give up, exit 1, if the server has not answered the first"
-                        " statement this long after the start, or a lock is not granted"
-                        " in as long (default: $CLEAR_CACHE_GIVE_UP_AFTER, then 30)")
-    check = parser.add_argument_group("monitoring (Nagios plugin conventions: one line on"
-                                      " stdout; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
-    check.add_argument("--check", action="store_true", help="report the due rows and the"
-                       " listening daemons, change nothing; no cache directory needed")
-    check.add_argument("--warn", metavar="SECONDS", type=seconds(0), default=60.0,
-                       help="WARNING when the oldest due row is this old (default: 60)")
-    check.add_argument("--crit", metavar="SECONDS", type=seconds(0), default=300.0,
-                       help="CRITICAL when it is this old (default: 300)")
-    parser.add_argument("--warm", metavar="FD", type=int, help="how the daemon starts"
-                        " its waiting clearer: connect, then wait for a byte on file"
-                        " descriptor FD before the run; end of file: exit 0, no run")
-    argv = sys.argv[1:] if argv is None else argv
-    if "--check" in argv:
-        parser.usage_status = UNKNOWN   # Nagios reads 2 as CRITICAL
-    args = parser.parse_args(argv)
-    setup_logging(args.verbosity)
-    if args.check:
-        return check_queue(parser, args)
+    parser = build_parser()
     try:
-        config = load_config(args, database=not args.ports)
+        args = parser.parse_args(argv)
+        stamps = env_flag("CLEAR_CACHE_TIMESTAMPS", True)
+    except (UsageError, ConfigError) as e:
+        if wants_check(argv):
+            return report(UNKNOWN, str(e))      # Nagios reads 2 as CRITICAL
+        return parser.exit(2, "%s: error: %s (see --help)\n" % (parser.prog, e))
+    setup_logging(args.verbosity, stamps)
+    if args.check:
+        return check_queue(args)
+    try:
+        config = load_config(args, dsn=not args.ports)
+        config.give_up = seconds_setting(args.give_up_after, "CLEAR_CACHE_GIVE_UP_AFTER",
+                                         DEFAULT_GIVE_UP, seconds(0, strict=True))
         ports = dict(parse_port_argument(arg, config.templates) for arg in args.ports)
-        cache_fd = open_cache_dir(config.cache_dir)
+        if not ports:
+            require_psycopg2()
+        if not args.warm:
+            cache_fd = open_cache_dir(config.cache_dir, write=not args.dry_run)
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    give_up = GiveUp(config.give_up)
     conn = None
-    if args.warm is not None:
-        conn = wait_for_word(args.warm, config)
-        if conn is False:
-            return 0        # the daemon is gone: nobody wants this run
-    started = time.monotonic()
-    clearer = Clearer(cache_fd, config.cache_dir, config.templates, args.dry_run)
-    if ports:
-        failed = clearer.clear_ports(ports)
-        rows = 0
-    else:
+    if args.warm:
+        conn = wait_for_word(config, give_up)
         try:
-            rows, failed = flush_queue(config, clearer, conn)
-        except psycopg2.Error as e:
-            log.error("database error: %s", db_error(e))
-            return 1
+            # Only now: the operator may have swapped the directory while we waited.
+            cache_fd = open_cache_dir(config.cache_dir, write=not args.dry_run)
         except ConfigError as e:
             log.error("%s", e)
             return 2
+    started = time.monotonic()
+    clearer = Clearer(cache_fd, config.cache_dir, config.templates, args.dry_run)
+    if ports:
+        rows, failed = 0, clearer.clear_ports(ports)
+    else:
+        try:
+            rows, failed = flush_queue(config, clearer, give_up, conn)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
+        except psycopg2.Error as e:
+            log.error("database error: %s", db_error(e))
+            return 1
     log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
              "dry run: " if args.dry_run else "", count(len(clearer.cleared), "port"),
              count(rows, "row"), count(clearer.files, "file"),
@@ -140,32 +140,98 @@ def main(argv=None):
     return 1 if failed else 0
 
 
-def check_queue(parser, args):
+def build_parser():
+    parser = Parser(description=__doc__)
+    add_common_options(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be removed, change nothing")
+    parser.add_argument("ports", nargs="*", metavar="CATEGORY/PORT",
+                        help="clear just these ports; the queue is not read")
+    parser.add_argument("--give-up-after", metavar="SECONDS", type=seconds(0, strict=True),
+                        help="give up, exit 1, if the server has not answered a run's first"
+                        " statement this long after the run began, or a lock is not granted"
+                        " in as long (default: $CLEAR_CACHE_GIVE_UP_AFTER, then %g)"
+                        % DEFAULT_GIVE_UP)
+    check = parser.add_argument_group("monitoring (Nagios plugin conventions: one line on"
+                                      " stdout; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
+    check.add_argument("--check", action="store_true", help="report the due rows and the"
+                       " listening daemons of the consumer, or of every registered one;"
+                       " change nothing; no cache directory needed")
+    check.add_argument("--warn", metavar="SECONDS", type=seconds(0), default=60.0,
+                       help="WARNING when the oldest due row is this old (default: 60)")
+    check.add_argument("--crit", metavar="SECONDS", type=seconds(0), default=300.0,
+                       help="CRITICAL when it is this old (default: 300)")
+    # The daemon's business: connect, then wait for a byte on stdin before
+    # the run; end of file: exit 0, no run.
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def wants_check(argv):
+    """Did a command line that failed to parse ask for --check?  argparse's own reading."""
+    parser = Parser(add_help=False)
+    parser.add_argument("--check", action="store_true")
+    try:
+        return parser.parse_known_args(argv)[0].check
+    except UsageError:
+        return False
+
+
+def report(status, text):
+    """--check's one line on stdout; returns the exit status."""
+    print("CLEAR_CACHE %s - %s" % (STATUS[status], text))
+    return status
+
+
+def require_psycopg2():
+    if psycopg2 is None:
+        raise ConfigError("psycopg2 is not installed for %s: run `make venv` and use"
+                          " .venv/bin/python" % sys.executable)
+
+
+def check_queue(args):
     """--check: one line on stdout about the due rows and the listening daemons."""
     if args.warn > args.crit:
-        parser.error("--warn %g is above --crit %g" % (args.warn, args.crit))
+        return report(UNKNOWN, "--warn %g is above --crit %g" % (args.warn, args.crit))
     try:
         config = load_config(args, cache=False)
+        require_psycopg2()
         conn = connect(config.dsn, connect_timeout=10)
         try:
             with conn.cursor() as cur:
-                cur.execute(CHECK_QUERY, [daemon_name(config.consumer), config.consumer])
-                due, oldest, listeners = cur.fetchone()
+                # Without a consumer: every registered one, or '' while none is.
+                consumers = [config.consumer]
+                if not config.consumer:
+                    cur.execute(REGISTERED)
+                    consumers = [name for name, in cur] or [""]
+                cur.execute("SELECT " + UNREGISTERED, {"c": config.consumer})
+                unregistered = bool(config.consumer) and cur.fetchone()[0]
+                cur.execute(CHECK_QUERY, [consumers, [daemon_name(c) for c in consumers]])
+                rows = cur.fetchall()
         finally:
             conn.close()
     except ConfigError as e:
-        print("CLEAR_CACHE UNKNOWN - %s" % e)
-        return UNKNOWN
+        return report(UNKNOWN, str(e))
     except psycopg2.Error as e:
-        print("CLEAR_CACHE UNKNOWN - %s" % db_error(e))
-        return UNKNOWN
-    status = (CRITICAL if not listeners or oldest >= args.crit
-              else WARNING if oldest >= args.warn else OK)
-    print("CLEAR_CACHE %s - %s due, oldest due %d s, %s | due=%d oldest=%ds;%g;%g"
-          " listeners=%d" % (STATUS[status], count(due, "row"), oldest,
-                             count(listeners, "listener"), due, oldest, args.warn,
-                             args.crit, listeners))
-    return status
+        return report(UNKNOWN, db_error(e))
+    worst, trouble = OK, []
+    for name, due, oldest, listeners in rows:
+        status = (CRITICAL if not listeners or oldest >= args.crit
+                  else WARNING if oldest >= args.warn else OK)
+        worst = max(worst, status)
+        if status != OK and len(rows) > 1:
+            trouble.append("%s: %s" % (name, "no listener" if not listeners
+                                       else "oldest due %d s" % oldest))
+    if unregistered:
+        worst = CRITICAL
+        trouble.append(unregistered_reason(config.consumer))
+    due = sum(r[1] for r in rows)
+    oldest = max(r[2] for r in rows)
+    listeners = sum(r[3] for r in rows)
+    return report(worst, "%s due, oldest due %d s, %s%s | due=%d oldest=%ds;%g;%g"
+                  " listeners=%d" % (count(due, "row"), oldest, count(listeners, "listener"),
+                                     "".join("; " + t for t in trouble), due, oldest,
+                                     args.warn, args.crit, listeners))
 
 
 def daemon_name(consumer):
@@ -183,35 +249,38 @@ class ConfigError(Exception):
     """A usage or configuration error: exit 2, touch nothing."""
 
 
+class UsageError(Exception):
+    """A command line argparse cannot read."""
+
+
+@dataclasses.dataclass
 class Config:
     """What both scripts are told: by option, else by environment, else by default."""
 
-    def __init__(self, dsn, cache_dir, templates, again_after, consumer, give_up):
-        self.dsn = dsn
-        self.cache_dir = cache_dir
-        self.templates = templates
-        self.again_after = again_after
-        self.consumer = consumer
-        self.give_up = give_up
+    dsn: str
+    cache_dir: str
+    templates: list
+    again_after: float
+    consumer: str
+    give_up: float = DEFAULT_GIVE_UP
 
     def environ(self):
         """The environment that hands this configuration to a clearer."""
         return dict(os.environ, CLEAR_CACHE_DSN=self.dsn, CLEAR_CACHE_DIR=self.cache_dir,
                     CLEAR_CACHE_PAGES=" ".join(t.text for t in self.templates),
                     CLEAR_CACHE_AGAIN_AFTER=repr(self.again_after),
-                    CLEAR_CACHE_CONSUMER=self.consumer)
+                    CLEAR_CACHE_CONSUMER=self.consumer,
+                    CLEAR_CACHE_GIVE_UP_AFTER=repr(self.give_up))
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors take one line."""
-
-    usage_status = 2
+    """An argument parser whose usage errors main() reports, in one line."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message):
-        self.exit(self.usage_status, "%s: error: %s (see --help)\n" % (self.prog, message))
+        raise UsageError(message)
 
 
 def add_common_options(parser):
@@ -253,41 +322,50 @@ def seconds(low, strict=False):
     return parse
 
 
-def setup_logging(level):
+def env_flag(variable, default):
+    """An on/off environment variable: 0/1, no/yes, false/true, off/on, in any case."""
+    text = os.environ.get(variable, "")
+    if not text:
+        return default
+    try:
+        return FLAGS[text.lower()]
+    except KeyError:
+        raise ConfigError("%s: expected 0/1, no/yes, false/true or off/on, got %r"
+                          % (variable, text)) from None
+
+
+def setup_logging(level, stamps=True):
     """Set the level of every logger; CLEAR_CACHE_TIMESTAMPS=0 drops the time."""
-    stamp = "%(asctime)s " if os.environ.get("CLEAR_CACHE_TIMESTAMPS") != "0" else ""
+    stamp = "%(asctime)s " if stamps else ""
     logging.basicConfig(level=level, format=stamp + "%(name)s: %(levelname)s: %(message)s")
 
 
-def load_config(args, database=True, cache=True):
+def load_config(args, dsn=True, cache=True):
     """The Config from the options, then the environment, then the defaults.
 
-    Without database (CATEGORY/PORT arguments), the DSN is neither used nor
+    Without dsn (CATEGORY/PORT arguments), the DSN is neither used nor
     checked; without cache (--check), neither is the cache directory.
     """
-    dsn = args.dsn if args.dsn is not None else os.environ.get("CLEAR_CACHE_DSN", "")
-    try:
-        if database:
-            psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError as e:
-        text = re.sub(r"^invalid dsn: ", "", one_line(e))     # psycopg2 says it too
-        raise ConfigError("invalid DSN: %s" % text) from None
+    text = args.dsn if args.dsn is not None else os.environ.get("CLEAR_CACHE_DSN", "")
+    if dsn and psycopg2 is not None:
+        try:
+            psycopg2.extensions.parse_dsn(text)
+        except psycopg2.ProgrammingError as e:
+            why = re.sub(r"^invalid dsn: ", "", one_line(e))     # psycopg2 says it too
+            raise ConfigError("invalid DSN: %s" % why) from None
     cache_dir = args.cache_dir or os.environ.get("CLEAR_CACHE_DIR") or ("" if cache else ".")
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or set CLEAR_CACHE_DIR")
     pages = args.pages or os.environ.get("CLEAR_CACHE_PAGES", "").split() or DEFAULT_PAGES
     again_after = seconds_setting(args.again_after, "CLEAR_CACHE_AGAIN_AFTER",
                                   DEFAULT_AGAIN_AFTER, seconds(0))
-    # Only a clearing run has a deadline: the daemon hands its clearers its
-    # heartbeat instead, and --check (no cache) needs none.
-    give_up = None
-    if cache and hasattr(args, "give_up_after"):
-        give_up = seconds_setting(args.give_up_after, "CLEAR_CACHE_GIVE_UP_AFTER", 30,
-                                  seconds(0, strict=True))
     consumer = args.consumer if args.consumer is not None else os.environ.get(
         "CLEAR_CACHE_CONSUMER", "")
-    return Config(dsn, os.path.abspath(cache_dir), [Template(t) for t in pages],
-                  again_after, consumer, give_up)
+    if consumer in RESERVED:
+        raise ConfigError("consumer %r: the name is reserved (a notification's payload)"
+                          % consumer)
+    return Config(text, os.path.abspath(cache_dir), [Template(t) for t in pages],
+                  again_after, consumer)
 
 
 def seconds_setting(value, variable, default, parse):
@@ -300,12 +378,17 @@ def seconds_setting(value, variable, default, parse):
         raise ConfigError("%s: %s" % (variable, e)) from None
 
 
-def open_cache_dir(path):
+def open_cache_dir(path, write=True):
     """Open the cache root; a symlink here is the administrator's and is followed."""
     try:
-        return os.open(path, DIR_FLAGS)
+        fd = os.open(path, DIR_FLAGS)
     except OSError as e:
         raise ConfigError("cache directory %s: %s" % (path, e.strerror)) from None
+    if write and not os.access(path, os.W_OK | os.X_OK):
+        os.close(fd)
+        raise ConfigError("cache directory %s: not writable by this account (uid %d)"
+                          % (path, os.geteuid()))
+    return fd
 
 
 def open_subdir(dir_fd, name):
@@ -351,81 +434,74 @@ def page_targets(templates, category, port):
     """What the templates name for (category, port), or None if it cannot use them."""
     if not valid_port(category, port):
         return None
-    targets = [t.expand(category, port) for t in templates]
+    values = {"category": category, "port": port}
+    targets = [t.expand(values) for t in templates]
     return None if None in targets else targets
 
 
 class Template:
     """A page template, such as categories/{category}/*, checked at start-up.
 
-    {category} and {port} may stand anywhere; only the last component may
-    hold glob characters, and a value put into it matches only itself.
+    Placeholders may stand anywhere, {{ and }} are braces; only the last
+    component may hold glob characters, and a value put into it matches only
+    itself (glob.escape).
     """
 
-    def __init__(self, text):
+    def __init__(self, text, keys=PLACEHOLDERS):
         self.text = text
-        self.parts = text.split("/")
         if not text or re.search(r"\s", text):
             raise ConfigError("page template %r: empty or has white space" % text)
         if text.startswith("/"):
             raise ConfigError("page template %r: must be relative to the cache directory"
                               % text)
-        for i, part in enumerate(self.parts):
-            literal = PLACEHOLDER.sub("", part)
-            if literal == part and not valid_name(part):
-                raise ConfigError("page template %r: %r is no file name" % (text, part))
-            unknown = set(PLACEHOLDER.findall(part)) - set(PLACEHOLDERS)
-            if part in ("", ".", ".."):
-                raise ConfigError("page template %r: empty, . or .. component" % text)
-            if unknown:
-                raise ConfigError("page template %r: unknown placeholder {%s}; there are"
-                                  " {category} and {port}" % (text, sorted(unknown)[0]))
-            if "{" in literal or "}" in literal:
-                raise ConfigError("page template %r: a brace outside {category} or {port}"
-                                  % text)
-            if GLOB.search(literal) and i < len(self.parts) - 1:
-                raise ConfigError("page template %r: glob characters before the last"
-                                  " component" % text)
-        self.glob = bool(GLOB.search(PLACEHOLDER.sub("", self.parts[-1])))
-        # Split once: even pieces are the template's text, odd ones placeholders.
-        self.pieces = [PLACEHOLDER.split(p) for p in self.parts]
-        self.pattern = [translate_glob(p) if i % 2 == 0 else p
-                        for i, p in enumerate(self.pieces[-1])] if self.glob else []
+        self.parts = []     # per component: [(literal text, placeholder or None)]
+        components = text.split("/")
+        for i, part in enumerate(components):
+            try:
+                parsed = list(string.Formatter().parse(part))
+            except ValueError as e:
+                self.refuse("%s (a brace is written {{ or }})" % e)
+            for _, name, spec, conversion in parsed:
+                if name is not None and name not in keys:
+                    self.refuse("unknown placeholder {%s}; there are %s"
+                                % (name, ", ".join("{%s}" % k for k in keys)))
+                if spec or conversion:
+                    self.refuse("{%s} takes no format" % name)
+            pieces = [(literal, name) for literal, name, _, _ in parsed]
+            literal = "".join(piece for piece, _ in pieces)
+            if all(name is None for _, name in pieces) and not valid_name(literal):
+                self.refuse("%r is no file name" % part)
+            if GLOB.search(literal) and i < len(components) - 1:
+                self.refuse("glob characters before the last component")
+            self.parts.append(pieces)
+        self.glob = bool(GLOB.search(literal))
 
-    def expand(self, category, port):
-        """(directories, last component, its regular expression or "") or None if unusable.
+    def refuse(self, why):
+        raise ConfigError("page template %r: %s" % (self.text, why))
 
-        category and port must be valid names already.
+    def expand(self, values):
+        """(directories, last component, its fnmatch pattern or None), or None if unusable.
+
+        The values must be valid names already.
         """
-        values = {"category": category, "port": port}
         parts = []
-        for pieces in self.pieces:
-            if len(pieces) == 1:
-                part = pieces[0]                # checked at start-up
-            elif len(pieces) == 3 and pieces[0] == pieces[2] == "":
-                part = values[pieces[1]]        # a valid name already
-            else:
-                part = "".join(values[p] if i % 2 else p for i, p in enumerate(pieces))
-                if not valid_name(part):
-                    return None     # too long, or a '..' made of a value and the template
+        for pieces in self.parts:
+            part = "".join(literal + (values[name] if name else "") for literal, name in pieces)
+            if not valid_name(part):
+                return None     # too long, once the template's text is added
             parts.append(part)
-        # Values are escaped: a port named 'a*' never matches another's page.
-        pattern = "".join(re.escape(values[p]) if i % 2 else p
-                          for i, p in enumerate(self.pattern))
+        pattern = None
+        if self.glob:
+            # A port named 'a*' never matches another's page.
+            pattern = "".join(literal + (glob.escape(values[name]) if name else "")
+                              for literal, name in self.parts[-1])
         return tuple(parts[:-1]), parts[-1], pattern
-
-
-def translate_glob(pattern):
-    """fnmatch's regular expression for pattern, without its anchors."""
-    regex = fnmatch.translate(pattern)
-    assert regex.startswith("(?s:") and regex.endswith(r")\Z"), regex
-    return regex[4:-3]
 
 
 def db_error(e):
     """Describe a psycopg2 error in one line, with a hint where one helps."""
     text = e.diag.message_primary or one_line(e)
-    if e.pgcode in (psycopg2.errorcodes.UNDEFINED_TABLE, psycopg2.errorcodes.UNDEFINED_COLUMN):
+    if e.pgcode in UNDEFINED:
         text += " (is schema.sql loaded?)"
     return text
 
@@ -444,57 +520,89 @@ def connect(dsn, **params):
     return psycopg2.connect(dsn, **params)
 
 
-def wait_for_word(fd, config):
-    """Connect ahead, then wait for the daemon's word on fd.
+def lock_timeout(seconds):
+    """A lock_timeout setting for seconds: never 0, which would mean no limit."""
+    return "%dms" % max(1, math.ceil(seconds * 1000))
 
-    Returns the connection (None if it could not be kept: the run connects
-    again), or False when the daemon went away without a word.
+
+class GiveUp:
+    """A run's deadline: exit 1 unless the server answers in time.
+
+    A timer thread ends the process, since the main one may be stuck in libpq:
+    a paused pooler, a lock.  Armed at the start of each attempt (or at the
+    daemon's word), stopped once the server has answered its first statement.
     """
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.timer = None
+
+    def arm(self):
+        if self.timer is None:
+            self.timer = threading.Timer(self.seconds, self.expire)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def answered(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def expire(self):
+        log.error("gave up: the server did not answer in %g s (a paused connection pooler?"
+                  " a lock?)", self.seconds)
+        logging.shutdown()
+        os._exit(1)
+
+
+def wait_for_word(config, give_up):
+    """The daemon's waiting clearer: connect ahead, then wait for the word on stdin.
+
+    The word is one byte; end of file means the daemon needs no run (it stops,
+    or it died): exit 0 at once, even while connecting.  The run's deadline
+    starts with the word, so a connection still under way counts against it.
+    Returns the connection, or None if it could not be made: the run connects
+    again.
+    """
+    word = threading.Event()
+
+    def listen():
+        if os.read(sys.stdin.fileno(), 1):
+            give_up.arm()
+            word.set()
+        else:
+            logging.shutdown()
+            os._exit(0)
+    threading.Thread(target=listen, daemon=True).start()
     conn = None
     try:
-        conn = connect(config.dsn, fallback_application_name=WARM_NAME,
-                       connect_timeout=math.ceil(config.give_up))
+        conn = connect(config.dsn, fallback_application_name=WARM_NAME)
         conn.autocommit = True
         with conn.cursor() as cur:
             # A new backend plans its first query slowly while it fills its
-            # caches (1.5 ms here): let it do that now.  No snapshot stays.
+            # caches: let it do that now.  No snapshot stays.
             cur.execute(NO_IDLE_TIMEOUTS + "; EXPLAIN " + SELECT_DUE, [config.consumer])
     except psycopg2.Error as e:
-        log.debug("cannot prepare ahead: %s", one_line(e))
-        if conn is not None and e.pgcode is None:
-            conn.close()
-            conn = None     # connect again after the word
-    while True:
-        readable, _, _ = select.select([fd] + ([conn] if conn else []), [], [])
-        if fd in readable:
-            if os.read(fd, 1):
-                return conn
-            if conn is not None:
-                conn.close()
-            return False
-        try:
-            conn.poll()     # the server spoke while we waited: a notice, or goodbye
-            conn.notices.clear()
-        except psycopg2.Error as e:
-            log.debug("connection lost while waiting: %s", one_line(e))
+        log.warning("cannot prepare ahead, connecting again at the run: %s", one_line(e))
+        if conn is not None:
             conn.close()
             conn = None
+    word.wait()
+    return conn
 
 
-def flush_queue(config, clearer, conn=None):
+def flush_queue(config, clearer, give_up, conn=None):
     """Clear every due port in one transaction; return (rows deleted, failed ports).
 
     conn, if given, was opened before the run was asked for; should it turn
-    out to be dead, the run connects again.  A server that has not answered
-    the first statement config.give_up seconds from now makes the process exit 1:
-    a paused pooler, a lock.  Once it has, the run works on to its end.
+    out to be dead, the run connects again.  Each attempt must have its first
+    statement answered within config.give_up seconds (GiveUp); once it has,
+    the run works on to its end.
     """
     ahead = conn is not None
-    deadline = threading.Timer(config.give_up, give_up_now, [config.give_up])
-    deadline.daemon = True
-    deadline.start()
     try:
         for attempt in range(1, ATTEMPTS + 1):
+            give_up.arm()
             try:
                 # libpq rounds a connect_timeout under 2 s up to 2: the timer holds.
                 conn = conn or connect(config.dsn, connect_timeout=math.ceil(config.give_up))
@@ -502,7 +610,7 @@ def flush_queue(config, clearer, conn=None):
                 conn.autocommit = True
                 with conn.cursor() as cur:
                     try:
-                        return clear_snapshot(cur, clearer, config, deadline.cancel)
+                        return clear_snapshot(cur, clearer, config, give_up.answered)
                     except BaseException:
                         roll_back(cur)
                         raise
@@ -515,20 +623,13 @@ def flush_queue(config, clearer, conn=None):
                     continue
                 if e.pgcode not in RETRYABLE or attempt == ATTEMPTS:
                     raise
-                log.warning("retrying after %s (attempt %d)", db_error(e), attempt)
+                # Routine when two runs overlap; the last attempt's failure is the error.
+                log.info("retrying after %s (attempt %d)", db_error(e), attempt)
                 time.sleep(0.05 * attempt)
     finally:
-        deadline.cancel()
+        give_up.answered()
         if conn is not None:
             conn.close()
-
-
-def give_up_now(seconds):
-    """The deadline's end, in its timer thread: the main one may be stuck in libpq."""
-    log.error("gave up: the server did not answer in %g s (a paused connection pooler?"
-              " a lock?)", seconds)
-    logging.shutdown()
-    os._exit(1)
 
 
 def roll_back(cur):
@@ -545,7 +646,7 @@ def clear_snapshot(cur, clearer, config, answered):
     # statement, so that the deadline never cuts short the SELECT of a large
     # backlog.  A lock not granted within give_up fails the run: it is retried.
     cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
-                ["%dms" % (config.give_up * 1000)])
+                [lock_timeout(config.give_up)])
     answered()
     # Deduplicate in the database: a backlog can hold a million rows.
     cur.execute(SELECT_DUE, [config.consumer])
@@ -573,12 +674,12 @@ def clear_snapshot(cur, clearer, config, answered):
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
     # committed after it started stays queued for the next run.  Nothing is
     # committed before the files are gone, so the server may update the
-    # queue while we delete the files.
-    updating = InThread(update_queue, cur.connection, changed, config)
-    try:
+    # queue while we delete the files: a large backlog's DELETE and the
+    # unlinks overlap.  The pool's exit waits for it: the connection is free
+    # again only then.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        updating = pool.submit(update_queue, cur.connection, changed, config)
         failed = clearer.clear_ports(ports)
-    finally:
-        updating.join()         # the connection is free again only then
     rows = updating.result()
     if failed:
         rows = update_queue(cur.connection, changed, config, failed)
@@ -615,39 +716,25 @@ def update_queue(conn, changed, config, failed=()):
     return rows
 
 
+def unregistered_reason(consumer):
+    """Why nothing is queued for consumer, as --check, the clearer and the daemon say it."""
+    if consumer:
+        return "consumer %r is not registered in cache_consumers: nothing is queued for it" % (
+            consumer)
+    return ("no consumer given, and cache_consumers is not empty: nothing is queued for ''"
+            " (give --consumer)")
+
+
 def check_consumer(cur, consumer):
-    """Raise ConfigError if names are registered and consumer is not among them."""
-    cur.execute("SELECT " + UNREGISTERED, [consumer])
+    """Raise ConfigError if nothing can be queued for consumer."""
+    cur.execute("SELECT " + UNREGISTERED, {"c": consumer})
     if cur.fetchone()[0]:
-        raise ConfigError("consumer %r is not registered in cache_consumers, which is not"
-                          " empty: nothing is queued for it" % consumer)
+        raise ConfigError(unregistered_reason(consumer))
 
 
 def pair_arrays(pairs):
     """Query parameters for MATCHING_PAIR: the categories, then the ports."""
     return [[p[0] for p in pairs], [p[1] for p in pairs]]
-
-
-class InThread(threading.Thread):
-    """function(*args) run in a thread, while the caller works on."""
-
-    def __init__(self, function, *args):
-        super().__init__()
-        self.function, self.args = function, args
-        self.value = self.error = None
-        self.start()
-
-    def run(self):
-        try:
-            self.value = self.function(*self.args)
-        except BaseException as e:      # handed to the caller by result()
-            self.error = e
-
-    def result(self):
-        """What the function returned, once joined; what it raised is raised here."""
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 class Clearer:
@@ -670,23 +757,23 @@ class Clearer:
             for target in its_targets:
                 targets.setdefault(target, []).append(pair)
         # Sorted, targets that share directories come together.  A large batch
-        # is cut into UNLINK_THREADS runs of them: unlinking pages that were
-        # written back to disk mostly waits on the filesystem (a backlog of
-        # 30,000 took 4.1-4.5 s here, 2.6-3.3 s in 3 threads).  A dry run
-        # prints in order.
-        ordered = sorted(targets)
+        # is cut into UNLINK_THREADS runs of them, each with its own walk:
+        # unlinking pages that were written back to disk mostly waits on the
+        # filesystem.  A dry run prints in order.
+        ordered = sorted(targets, key=lambda t: (t[0], t[1], t[2] or ""))
         size = max(THREADS_FROM, len(ordered) if self.dry_run
                    else math.ceil(len(ordered) / UNLINK_THREADS))
         parts = [ordered[i:i + size] for i in range(0, len(ordered), size)] or [[]]
-        helpers = [InThread(self.clear_targets, part) for part in parts[1:]]
-        try:
-            done = [self.clear_targets(parts[0])]
-        finally:
-            for helper in helpers:
-                helper.join()
-        done += [helper.result() for helper in helpers]
+        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
+            futures = [pool.submit(self.clear_targets, part) for part in parts]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        for error in errors[1:]:
+            log.error("clearing in a thread: %s", one_line(error))
+        if errors:
+            raise errors[0]
         failed = set()
-        for bad, files in done:
+        for future in futures:
+            bad, files = future.result()
             self.files += files
             for target in bad:
                 failed.update(targets[target])
@@ -748,11 +835,10 @@ class Clearer:
         # Directories are told apart first: unlink(2) of one fails with EISDIR
         # on Linux but EPERM elsewhere.
         try:
-            if pattern:
-                match = re.compile(pattern, re.S).fullmatch
+            if pattern is not None:
                 with os.scandir(dir_fd) as entries:
                     found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries
-                             if pattern == ".*" or match(e.name)]
+                             if fnmatch.fnmatchcase(e.name, pattern)]
             else:
                 mode = os.stat(last, dir_fd=dir_fd, follow_symlinks=False).st_mode
                 found = [(last, stat.S_ISDIR(mode))]

@@ -12,7 +12,7 @@ table is the truth; NOTIFY is only a wake-up.
 
 Stays in the foreground and logs to stderr (daemontools, cron @reboot).
 SIGTERM or SIGINT: stop listening, let a running clearer finish, exit 0.
-SIGHUP: run the clearer now.
+SIGHUP: run the clearer now.  Exit status 2: a usage or configuration error.
 """
 
 import logging
@@ -24,34 +24,36 @@ import subprocess
 import sys
 import time
 
-import clear_cache      # first: it says in one line when psycopg2 is missing
-import psycopg2
-import psycopg2.errorcodes
-import psycopg2.extensions
+import clear_cache
+from clear_cache import psycopg2    # None without it: main() says so in one line
 
 # A lone change starts a clearer at once.  Changes that keep coming while one
 # runs make the next start wait for a pause of QUIET seconds, but never more
 # than MAX_DELAY after the previous start: a burst costs a run a second.
-MIN_GAP = 0.25          # seconds between clearer starts, at least
+# Runs that only re-clear (a timer, not a change, started them) hold back no
+# change: nobody waits for them.
+MIN_GAP = 0.25          # seconds between the starts of runs for changes, at least
 QUIET = 0.05
 MAX_DELAY = 1.0
 # Capped low, so that a server that is back (a restart, a promotion, a pooler
 # restart) has the daemon listening within 2.5 s; the log stays calm instead.
 CONNECT_BACKOFF = 0.5, 1.6
+RUN_BACKOFF = 0.5, 60.0
 CALM = 60.0             # seconds between lines about a trouble that lasts
 UNANNOUNCED_EVERY = 3600.0      # seconds between warnings about lost notifications
-RUN_BACKOFF = 0.5, 60.0
 RUN_LIMIT = 3600.0      # seconds a clearer may run before it is killed: a backstop
+CHANNEL = "clear_ports_cache"   # schema.sql's NOTIFY
+LATER = "later"         # the payload of a notification about rows due later only
 # Seconds until this consumer's earliest row falls due (<= 0: due now; NULL:
-# none), and whether names are registered without this one.
+# none), and whether nothing can be queued for it.
 LOOK_QUERY = ("SELECT (SELECT EXTRACT(epoch FROM min(due_at) - now())::float8"
-              " FROM ports_cache_clearing WHERE consumer = %s), " + clear_cache.UNREGISTERED)
+              " FROM ports_cache_clearing WHERE consumer = %(c)s), " + clear_cache.UNREGISTERED)
 DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
-LOCK_NOT_AVAILABLE = psycopg2.errorcodes.LOCK_NOT_AVAILABLE
-LATER = "later"         # the payload of a notification about rows due later only
+LOCK_NOT_AVAILABLE = "55P03"
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 VERBOSITY_FLAGS = {logging.WARNING: ["-q"], logging.INFO: [], logging.DEBUG: ["-v"]}
+NEVER = float("inf")
 
 log = logging.getLogger("listen_clear_cache")
 
@@ -59,29 +61,30 @@ log = logging.getLogger("listen_clear_cache")
 def main(argv=None):
     parser = clear_cache.Parser(description=__doc__)
     clear_cache.add_common_options(parser)
-    parser.add_argument("--channel", default="clear_ports_cache",
-                        help="channel to LISTEN on (default: %(default)s)")
     parser.add_argument("--heartbeat", type=clear_cache.seconds(0, strict=True),
                         default=30.0,
                         metavar="SECONDS", help="check an idle connection this often,"
                         " and give up on an answer after as long (default: 30)")
-    parser.add_argument("--no-warm", dest="warm", action="store_false",
-                        default=os.environ.get("CLEAR_CACHE_WARM") != "0",
+    parser.add_argument("--no-warm", dest="warm", action="store_false", default=None,
                         help="start each clearer when it is needed, instead of keeping one"
-                        " started and connected ahead (default: $CLEAR_CACHE_WARM=0 also)")
-    args = parser.parse_args(argv)
-    clear_cache.setup_logging(args.verbosity)
+                        " started and connected ahead (default: $CLEAR_CACHE_WARM, on)")
     try:
+        args = parser.parse_args(argv)
+        stamps = clear_cache.env_flag("CLEAR_CACHE_TIMESTAMPS", True)
+        warm = clear_cache.env_flag("CLEAR_CACHE_WARM", True) and args.warm is None
+    except (clear_cache.UsageError, clear_cache.ConfigError) as e:
+        return parser.exit(2, "%s: error: %s (see --help)\n" % (parser.prog, e))
+    clear_cache.setup_logging(args.verbosity, stamps)
+    try:
+        clear_cache.require_psycopg2()
         config = clear_cache.load_config(args)
+        config.give_up = args.heartbeat     # each run's, handed to the clearers
         os.close(clear_cache.open_cache_dir(config.cache_dir))
-        if not args.channel or "\0" in args.channel:
-            raise clear_cache.ConfigError("invalid channel name %r" % args.channel)
     except clear_cache.ConfigError as e:
         log.error("%s", e)
         return 2
-    listener = Listener(config, args.channel, args.heartbeat,
-                        VERBOSITY_FLAGS[args.verbosity], args.warm)
-    return listener.run()
+    clearers = Clearers(config, VERBOSITY_FLAGS[args.verbosity], warm)
+    return Daemon(config, args.heartbeat, clearers).run()
 
 
 def backoff(failures, base_cap):
@@ -96,31 +99,36 @@ def exit_status(code):
 
 
 class Calm:
-    """A trouble that lasts: its first line, then at most one a minute, then its end."""
+    """A trouble that lasts: a line once it has happened `after` times, then one a period.
 
-    def __init__(self):
-        self.since = None       # wall-clock start, for the log
-        self.started = self.last = 0.0
+    The other occurrences go to the debug level; ended() says how it ended.
+    """
+
+    def __init__(self, period=CALM, level=logging.ERROR, after=1):
+        self.period, self.level, self.after = period, level, after
         self.times = 0
+        self.since = None       # (wall clock, monotonic) of the first occurrence
+        self.said = -NEVER      # monotonic time of the last line
 
     def failed(self, text):
         now = time.monotonic()
         self.times += 1
         if self.since is None:
-            self.since, self.started, self.last = time.time(), now, now
-            log.error("%s", text)
-        elif now >= self.last + CALM:
-            self.last = now
-            log.error("%s (failing since %s, %d times)", text,
-                      time.strftime("%H:%M:%S", time.localtime(self.since)), self.times)
-        else:
+            self.since = time.time(), now
+        if self.times < self.after or now < self.said + self.period:
             log.debug("%s", text)
+            return
+        self.said = now
+        if self.times > 1:
+            text += " (since %s, %d times)" % (
+                time.strftime("%H:%M:%S", time.localtime(self.since[0])), self.times)
+        log.log(self.level, "%s", text)
 
     def ended(self, text):
-        if self.since is not None:
-            log.info("%s, after %.1f s and %d failures", text, time.monotonic() - self.started,
-                     self.times)
-            self.since, self.times = None, 0
+        if self.said > -NEVER:
+            log.info("%s, after %.1f s and %d failures", text,
+                     time.monotonic() - self.since[1], self.times)
+        self.times, self.since, self.said = 0, None, -NEVER
 
 
 class Interrupted(Exception):
@@ -131,44 +139,116 @@ class Unanswered(Exception):
     """The server did not answer within a heartbeat."""
 
 
-class Listener:
-    """The daemon's state: one LISTEN connection, at most one clearer child."""
+class Clearers:
+    """The clear_cache.py processes: at most one run, and one started ahead for the next."""
 
-    def __init__(self, config, channel, heartbeat, flags, warm=True):
-        self.dsn = config.dsn
+    def __init__(self, config, flags, warm):
+        self.argv = [sys.executable, clear_cache.__file__] + flags
+        self.env = config.environ()     # secrets go through the environment: ps shows argv
+        self.warm = warm
+        self.running = None             # the run's process
+        self.deadline = NEVER           # when it is killed: a backstop
+        self.waiter = None              # started ahead: connected, waiting on its stdin
+        self.waiter_at = 0.0            # when the next one may start
+        self.waiter_failures = 0
+
+    def spawn(self, *args, **kwargs):
+        """A new clear_cache.py process."""
+        # Its own session and process group: a terminal's ^C reaches only
+        # the daemon, which then lets the clearer finish.
+        return subprocess.Popen(self.argv + list(args), env=self.env,
+                                start_new_session=True, **kwargs)
+
+    def start_run(self):
+        """Give the word to the waiting clearer, else start one; OSError if none could."""
+        self.deadline = time.monotonic() + RUN_LIMIT
+        if self.waiter is not None:
+            try:
+                self.waiter.stdin.write(b"!")
+                self.waiter.stdin.close()
+            except OSError:
+                self.waiter.stdin.close()   # it died: reap() says so and replaces it
+            else:
+                self.running, self.waiter = self.waiter, None
+                log.debug("clearer pid %d started: word given to the waiting clearer",
+                          self.running.pid)
+                return
+        self.running = self.spawn(stdin=subprocess.DEVNULL)
+        log.debug("clearer pid %d started", self.running.pid)
+
+    def start_waiter(self):
+        """Start the next clearer ahead: it connects, then waits for its word."""
+        try:
+            self.waiter = self.spawn("--warm", stdin=subprocess.PIPE, bufsize=0)
+        except OSError as e:
+            self.lose_waiter("cannot start a waiting clearer: %s" % e)
+            return
+        log.debug("started waiting clearer pid %d", self.waiter.pid)
+
+    def dismiss_waiter(self):
+        """End of file on its stdin: it exits at once, without a run; reap() collects it."""
+        if self.waiter is not None:
+            self.waiter.stdin.close()
+
+    def lose_waiter(self, reason):
+        """A waiting clearer died or never started: replace it later, backing off."""
+        self.waiter = None
+        self.waiter_failures += 1
+        delay = backoff(self.waiter_failures, RUN_BACKOFF)
+        self.waiter_at = time.monotonic() + delay
+        log.error("%s; a new one in %.1f s, cold starts meanwhile", reason, delay)
+
+    def kill_running(self):
+        log.error("clearer pid %d still running after %g s: killing it",
+                  self.running.pid, RUN_LIMIT)
+        self.running.kill()
+        self.deadline = NEVER
+
+    def reap(self, stopping):
+        """Collect what exited; return (pid, exit code) of a run that ended, else None."""
+        if self.waiter is not None and self.waiter.poll() is not None:
+            waiter = self.waiter
+            waiter.stdin.close()
+            if stopping:
+                log.debug("waiting clearer pid %d gone", waiter.pid)
+                self.waiter = None
+            else:
+                self.lose_waiter("lost the waiting clearer (pid %d, exit %s)" % (
+                    waiter.pid, exit_status(waiter.returncode)))
+        if self.running is None or self.running.poll() is None:
+            return None
+        ended, self.running = self.running, None
+        if ended.returncode == 0:
+            self.waiter_failures = 0
+        return ended.pid, ended.returncode
+
+
+class Daemon:
+    """The daemon's state: one LISTEN connection, its clearers, and when each thing happens."""
+
+    def __init__(self, config, heartbeat, clearers):
+        self.config = config
+        self.heartbeat = heartbeat
+        self.clearers = clearers
         # A lock held on the queue (an ALTER TABLE, say) is no dead connection.
         # A server's idle_session_timeout would close this idle session again
         # and again; a statement, since PgBouncer refuses the options parameter.
-        self.listen_sql = 'LISTEN "%s"; SET lock_timeout = %d; %s' % (
-            channel.replace('"', '""'), min(LOCKED_RETRY, heartbeat / 2) * 1000,
+        self.listen_sql = "LISTEN %s; SET lock_timeout = '%s'; %s" % (
+            CHANNEL, clear_cache.lock_timeout(min(LOCKED_RETRY, heartbeat / 2)),
             clear_cache.NO_IDLE_TIMEOUTS)
-        self.channel = channel
-        self.heartbeat = heartbeat
-        self.argv = [sys.executable, clear_cache.__file__] + flags
-        # Secrets go through the environment: argv is visible to ps.
-        self.env = dict(config.environ(), CLEAR_CACHE_GIVE_UP_AFTER=repr(heartbeat))
-        self.conn = None
-        self.look_at = float("inf")     # monotonic time of the next look at the queue
-        self.consumer = config.consumer
         self.multihost = "," in (psycopg2.extensions.parse_dsn(config.dsn).get("host") or "")
-        self.connect_failures = 0
+        self.conn = None
+        self.connect_at = 0.0           # the next attempt, while there is no connection
+        self.heard_at = 0.0             # the server's last sign of life
         self.outage = Calm()            # the connection's troubles
-        self.unregistered = Calm()      # this consumer missing from cache_consumers
-        self.unannounced = 0            # heartbeats that found due rows nobody announced
-        self.warned_unannounced = -UNANNOUNCED_EVERY
-        self.next_connect = 0.0         # monotonic time of the next attempt
-        self.last_heard = 0.0           # last sign of life from the server
-        self.child = None
-        self.child_deadline = 0.0
-        self.warm = warm
-        self.waiter = None              # the clearer started ahead, waiting for its word
-        self.word_fd = None             # the pipe to it; closing it sends it away
-        self.waiter_failures = 0
-        self.next_waiter = 0.0
+        self.unregistered = Calm()      # nothing can be queued for this consumer
+        self.unannounced = Calm(UNANNOUNCED_EVERY, logging.WARNING, after=2)
+        self.look_at = NEVER            # the next look at the queue, while no run is wanted
+        self.run_at = NEVER             # the wanted run's start; NEVER: none wanted
+        self.changes = False            # the wanted run is for changes (notified)
+        self.change_run_at = -NEVER     # the start of the latest run for changes
+        self.running_changes = False    # the running clearer's run was for changes
         self.run_failures = 0
-        self.pending = False            # a clearer run is wanted
-        self.next_start = 0.0           # earliest start of that run
-        self.started_at = -MAX_DELAY    # start of the latest run
         self.signals = set()
         self.stopping = False
         self.wakeup = None
@@ -178,27 +258,132 @@ class Listener:
         self.install_signals()
         while True:
             self.handle_signals()
-            self.reap_clearer()
-            now = time.monotonic()
-            if self.stopping:
-                if self.child is None and self.waiter is None:
-                    break
-                self.wait_events()
-            elif self.conn is None and now >= self.next_connect:
-                self.reconnect()
-            elif self.conn is not None and now >= self.last_heard + self.heartbeat:
-                self.check_connection()
-            elif self.conn is not None and now >= self.look_at and self.idle():
-                self.look_at_queue()
-            elif (self.pending and self.child is None and self.conn is not None
-                  and now >= self.next_start):
-                self.start_clearer()
-            elif self.wants_waiter() and now >= self.next_waiter:
-                self.start_waiter()
+            self.reap_clearers()
+            if self.stopping and self.clearers.running is None and self.clearers.waiter is None:
+                break
+            when, action = self.next_event()
+            if when <= time.monotonic():
+                action()
             else:
-                self.wait_events()
+                self.wait_events(when)
         log.info("stopped")
         return 0
+
+    def next_event(self):
+        """(when, action): what happens next.  The one place that says it."""
+        clearers = self.clearers
+        events = [(NEVER, None)]
+        if clearers.running is not None:
+            events.append((clearers.deadline, clearers.kill_running))
+        if self.stopping:
+            pass
+        elif self.conn is None:
+            events.append((self.connect_at, self.connect))
+        else:
+            events.append((self.heard_at + self.heartbeat, self.check_connection))
+            if self.run_at < NEVER and clearers.running is None:
+                events.append((self.run_at, self.start_run))
+            elif self.idle():
+                events.append((self.look_at, self.look_at_queue))
+                # Not beside a run: two Python start-ups on two cores slow both.
+                if clearers.warm and clearers.waiter is None:
+                    events.append((clearers.waiter_at, clearers.start_waiter))
+        return min(events, key=lambda event: event[0])
+
+    def idle(self):
+        """No run is wanted or running: only then do notifications carry news."""
+        return self.run_at == NEVER and self.clearers.running is None
+
+    def wait_events(self, when):
+        """Sleep in select() until a notification, a signal, a child's exit, or when."""
+        timeout = None if when == NEVER else max(0.0, when - time.monotonic())
+        # While a run is wanted or running, notifications carry no news:
+        # leave them in the socket and read them in one go when it starts.
+        watch = [self.conn] if self.conn is not None and self.idle() else []
+        readable, _, _ = select.select([self.wakeup] + watch, [], [], timeout)
+        if watch and self.conn in readable:
+            news = self.read_news()
+            if news == "due":
+                self.want_run(changes=True)
+            elif news == "look":
+                self.look_at = 0.0
+
+    def read_news(self):
+        """Read what the server sent; what its notifications mean to this consumer.
+
+        "due": rows due now for it; "look": rows perhaps due later; None: nothing
+        for it (another consumer's rows, or no notification).
+        """
+        if self.conn is None:
+            return None
+        try:
+            self.conn.poll()
+        except psycopg2.Error as e:
+            self.drop_connection(clear_cache.one_line(e))
+            return None
+        self.heard_at = time.monotonic()
+        payloads = {n.payload for n in self.conn.notifies}
+        self.conn.notifies.clear()
+        if self.config.consumer in payloads:
+            return "due"
+        return "look" if LATER in payloads or "" in payloads else None
+
+    def want_run(self, changes=False, at=None):
+        """Ask for a run: for changes, no sooner than MIN_GAP after the last such start."""
+        now = time.monotonic() if at is None else at
+        self.changes = self.changes or changes
+        gap = self.change_run_at + MIN_GAP if self.changes else now
+        self.run_at = min(self.run_at, max(now, gap))
+
+    def settle(self, now):
+        """Changes keep coming: start after a pause, or MAX_DELAY after the last start."""
+        self.run_at = max(self.run_at, self.change_run_at + MIN_GAP,
+                          min(now + QUIET, self.change_run_at + MAX_DELAY))
+
+    def start_run(self):
+        """Start the wanted run, unless changes still pour in or the connection just went."""
+        now = time.monotonic()
+        news = self.read_news()
+        if self.conn is None:
+            return      # none starts while disconnected: the catch-up comes after
+        if news == "due":
+            if self.changes and now < self.change_run_at + MAX_DELAY:
+                self.settle(now)
+                return
+            self.changes = True
+        # Its snapshot comes later: it covers every notification read so far.
+        self.run_at = NEVER
+        self.running_changes, self.changes = self.changes, False
+        if self.running_changes:
+            self.change_run_at = now
+        try:
+            self.clearers.start_run()
+        except OSError as e:
+            self.fail_run("cannot start clearer: %s" % e)
+
+    def reap_clearers(self):
+        """Act on a run that ended: look again, or retry a failed one later."""
+        ended = self.clearers.reap(self.stopping)
+        if ended is None:
+            return
+        pid, code = ended
+        if code != 0:
+            self.fail_run("clearer pid %d exited with %s" % (pid, exit_status(code)))
+            return
+        log.debug("clearer pid %d done", pid)
+        self.run_failures = 0
+        news = self.read_news()
+        if self.conn is not None and not self.stopping:
+            # Rows may have come due or been queued while it ran (its own
+            # re-clears too); changes that kept coming call for a pause.
+            self.look_at_queue(settle=news == "due" and self.running_changes)
+
+    def fail_run(self, reason):
+        """Retry a failed run later, backing off, so a stuck port cannot spin us."""
+        self.run_failures += 1
+        delay = backoff(self.run_failures, RUN_BACKOFF)
+        self.run_at = time.monotonic() + delay
+        log.error("%s; retrying in %.1f s", reason, delay)
 
     def install_signals(self):
         """Let signals and child exits wake select() through a pipe."""
@@ -223,74 +408,22 @@ class Listener:
         signals, self.signals = self.signals, set()
         if signal.SIGHUP in signals:
             log.info("SIGHUP: clearing now")
-            self.pending = True
-            self.next_start = 0.0
+            self.run_at = 0.0
         if signals & STOP_SIGNALS and not self.stopping:
-            log.info("stopping on signal%s", "" if self.child is None
-                     else ", after clearer pid %d ends" % self.child.pid)
+            running = self.clearers.running
+            log.info("stopping on signal%s", "" if running is None
+                     else ", after clearer pid %d ends" % running.pid)
             self.stopping = True
             self.close_connection()
-            self.dismiss_waiter()
+            self.clearers.dismiss_waiter()
 
-    def wait_events(self):
-        """Sleep in select() until a notification, a signal or the next deadline."""
-        deadlines = [float("inf")]
-        if self.child is not None:
-            deadlines.append(self.child_deadline)
-        if not self.stopping:
-            deadlines.append(self.next_connect if self.conn is None
-                             else self.last_heard + self.heartbeat)
-            if self.pending and self.child is None and self.conn is not None:
-                deadlines.append(self.next_start)
-            if self.conn is not None and self.idle():
-                deadlines.append(self.look_at)
-            if self.wants_waiter():
-                deadlines.append(self.next_waiter)
-        timeout = min(deadlines) - time.monotonic()
-        timeout = None if timeout == float("inf") else max(0.0, timeout)
-        # While a run is pending or running, notifications carry no news:
-        # leave them in the socket and drain them in one go when it starts.
-        idle = self.conn is not None and self.idle()
-        readable, _, _ = select.select([self.wakeup] + [self.conn] * idle, [], [], timeout)
-        news = self.conn in readable and self.news(self.poll_notifications())
-        if news == "due":
-            self.pending = True         # rows due now: no need to look first
-        elif news:
-            self.look_at = 0.0          # rows due later, perhaps: set the timer
-
-    def news(self, payloads):
-        """What notifications mean to this consumer: "due", "look", or None."""
-        if self.consumer in payloads:
-            return "due"
-        if LATER in payloads or "" in payloads:
-            return "look"
-        return None                     # another consumer's rows
-
-    def idle(self):
-        """No clearer runs or waits to run."""
-        return self.child is None and not self.pending
-
-    def poll_notifications(self):
-        """Read what the server sent; return the payloads of its notifications, now consumed."""
-        if self.conn is None:
-            return set()
-        try:
-            self.conn.poll()
-        except psycopg2.Error as e:
-            self.drop_connection(clear_cache.one_line(e))
-            return set()
-        self.last_heard = time.monotonic()
-        payloads = {n.payload for n in self.conn.notifies}
-        self.conn.notifies.clear()
-        return payloads
-
-    def reconnect(self):
+    def connect(self):
         """Connect, LISTEN, and look at the queue; on failure, back off."""
         conn = None
         try:
             # Its own name, whatever the DSN says: --check counts daemons by it.
-            conn = clear_cache.connect(self.dsn, async_=1,
-                                       application_name=clear_cache.daemon_name(self.consumer))
+            conn = clear_cache.connect(self.config.dsn, async_=1, application_name=(
+                clear_cache.daemon_name(self.config.consumer)))
             self.wait_ready(conn)
             cursor = conn.cursor()      # must outlive the asynchronous query
             cursor.execute(self.listen_sql)
@@ -302,21 +435,20 @@ class Listener:
             reason = self.describe(e, conn)
             if conn is not None:
                 conn.close()
-            self.connect_failures += 1
-            delay = backoff(self.connect_failures, CONNECT_BACKOFF)
-            self.next_connect = time.monotonic() + delay
+            delay = backoff(self.outage.times + 1, CONNECT_BACKOFF)
+            self.connect_at = time.monotonic() + delay
             self.outage.failed("cannot listen: %s; retrying in %.1f s" % (reason, delay))
             return
         self.conn = conn
-        self.connect_failures = 0
-        self.last_heard = time.monotonic()
+        self.heard_at = now = time.monotonic()
         self.outage.ended("the server answers again")
-        log.info("listening on channel %s%s", self.channel, self.where(conn))
+        log.info("listening on channel %s%s", CHANNEL, self.where(conn))
         # Notifications sent while nobody listened are lost: catch up.  A
         # run that failed against the lost server may go at once.
         self.look_at = 0.0
         self.run_failures = 0
-        self.next_start = min(self.next_start, time.monotonic())
+        if self.run_at < NEVER:
+            self.run_at = now
 
     def describe(self, error, conn):
         """One line for a connection's error: which host, and a hint where one helps."""
@@ -343,7 +475,7 @@ class Listener:
         """Ask when the earliest row falls due: run the clearer now, or set the timer."""
         cursor = self.conn.cursor()
         try:
-            cursor.execute(LOOK_QUERY, [self.consumer, self.consumer])
+            cursor.execute(LOOK_QUERY, {"c": self.config.consumer})
             self.wait_ready(self.conn)
             wait, unregistered = cursor.fetchone()
         except Interrupted:
@@ -352,48 +484,37 @@ class Listener:
             if getattr(e, "pgcode", None) is None:      # no answer, or no connection
                 self.drop_connection(clear_cache.one_line(e))
                 return
-            self.last_heard = time.monotonic()
+            self.heard_at = time.monotonic()
             retry = LOCKED_RETRY if e.pgcode == LOCK_NOT_AVAILABLE else self.heartbeat
             log.warning("cannot look at the queue: %s; again in %g s",
                         clear_cache.db_error(e), retry)
-            self.look_at = self.last_heard + retry
+            self.look_at = self.heard_at + retry
             return
-        now = self.last_heard = time.monotonic()
+        now = self.heard_at = time.monotonic()
         if not self.idle():
             return      # a run is coming anyway, and it looks again after
-        announced = self.news({n.payload for n in self.conn.notifies})
-        self.conn.notifies.clear()
+        announced = self.read_news() == "due"
         if unregistered:
             # Nothing is queued for it; it looks again at every heartbeat.
-            self.unregistered.failed(
-                "consumer %r is not registered in cache_consumers, which is not empty:"
-                " nothing is queued for it" % self.consumer)
-            self.look_at = float("inf")
+            self.unregistered.failed(clear_cache.unregistered_reason(self.config.consumer))
+            self.look_at = NEVER
             return
-        self.unregistered.ended("consumer %r is registered" % self.consumer)
+        self.unregistered.ended("consumer %r is registered" % self.config.consumer)
         if wait is None or wait > 0:
-            self.look_at = float("inf") if wait is None else now + wait + DUE_MARGIN
+            self.look_at = NEVER if wait is None else now + wait + DUE_MARGIN
             log.debug("queue: %s", "nothing due" if wait is None
                       else "next rows due in %.1f s" % wait)
             return
         if heartbeat and not announced:
             log.info("heartbeat found rows due: clearing")
-            self.warn_unannounced(now)
-        self.look_at = float("inf")
-        self.pending = True
+            self.unannounced.failed(
+                "rows were due that no notification announced: is LISTEN going through"
+                " PgBouncer in transaction pooling, which cannot carry it?  Clearing at"
+                " each heartbeat meanwhile")
+        self.look_at = NEVER
+        self.want_run(changes=announced, at=now)
         if settle:
             self.settle(now)
-
-    def warn_unannounced(self, now):
-        """Say so when due rows keep coming that no notification announced."""
-        self.unannounced += 1
-        if self.unannounced >= 2 and now >= self.warned_unannounced + UNANNOUNCED_EVERY:
-            self.warned_unannounced = now
-            log.warning("rows were due that no notification announced, at %d heartbeats:"
-                        " is LISTEN going through PgBouncer in transaction pooling, which"
-                        " cannot carry it, or does --channel %s differ from the trigger's"
-                        " NOTIFY?  Clearing at each heartbeat meanwhile", self.unannounced,
-                        self.channel)
 
     def wait_ready(self, conn):
         """Poll an asynchronous operation to its end, for at most one heartbeat."""
@@ -422,133 +543,12 @@ class Listener:
             reason = clear_cache.one_line(said[-1].split(":", 1)[-1])
         self.outage.failed("connection lost: %s%s" % (reason, self.where(self.conn)))
         self.close_connection()
-        self.next_connect = time.monotonic() + backoff(1, CONNECT_BACKOFF)
+        self.connect_at = time.monotonic() + backoff(1, CONNECT_BACKOFF)
 
     def close_connection(self):
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-
-    def start_clearer(self):
-        """Give the word to the waiting clearer, or start one, unless changes still pour in."""
-        now = time.monotonic()
-        if self.poll_notifications() and now < self.started_at + MAX_DELAY:
-            self.settle(now)
-            return
-        # Its snapshot comes later: it covers every notification read so far.
-        self.pending = False
-        self.started_at = now
-        self.next_start = now + MIN_GAP
-        self.child_deadline = now + RUN_LIMIT
-        if self.waiter is not None and self.give_word():
-            return
-        try:
-            self.child = self.spawn_clearer()
-        except OSError as e:
-            self.fail_run("cannot start clearer: %s" % e)
-            return
-        log.debug("clearer pid %d started", self.child.pid)
-
-    def spawn_clearer(self, *args, **kwargs):
-        """A new clear_cache.py process."""
-        # Its own session and process group: a terminal's ^C reaches only
-        # the daemon, which then lets the clearer finish.
-        return subprocess.Popen(self.argv + list(args), env=self.env,
-                                stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
-
-    def wants_waiter(self):
-        """Should a clearer be started ahead now: warm, connected, nothing running?"""
-        return (self.warm and self.waiter is None and self.child is None
-                and self.conn is not None and not self.stopping)
-
-    def start_waiter(self):
-        """Start the next clearer ahead: it connects, then waits for its word on a pipe."""
-        reader, self.word_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            self.waiter = self.spawn_clearer("--warm", str(reader), pass_fds=(reader,))
-        except OSError as e:
-            self.lose_waiter("cannot start a waiting clearer: %s" % e)
-        else:
-            log.debug("started waiting clearer pid %d", self.waiter.pid)
-        finally:
-            os.close(reader)
-
-    def give_word(self):
-        """Hand the run to the waiting clearer; False if it is gone."""
-        try:
-            os.write(self.word_fd, b"!")
-        except OSError:
-            return False        # it died: reap_clearer says so and replaces it
-        finally:
-            os.close(self.word_fd)
-            self.word_fd = None
-        self.child, self.waiter = self.waiter, None
-        log.debug("clearer pid %d started: word given to the waiting clearer", self.child.pid)
-        return True
-
-    def dismiss_waiter(self):
-        """Send the waiting clearer away; reap_clearer collects it."""
-        if self.word_fd is not None:
-            os.close(self.word_fd)      # end of file: it exits without a run
-            self.word_fd = None
-        if self.waiter is not None and self.waiter.returncode is None:
-            self.waiter.terminate()     # even while it connects: it holds nothing yet
-
-    def lose_waiter(self, reason):
-        """A waiting clearer died or never started: replace it later, backing off."""
-        self.waiter = None
-        if self.word_fd is not None:
-            os.close(self.word_fd)
-            self.word_fd = None
-        self.waiter_failures += 1
-        delay = backoff(self.waiter_failures, RUN_BACKOFF)
-        self.next_waiter = time.monotonic() + delay
-        log.error("%s; a new one in %.1f s, cold starts meanwhile", reason, delay)
-
-    def reap_clearer(self):
-        """Collect a finished clearer or waiter; kill a clearer that has run far too long."""
-        if self.waiter is not None and self.waiter.poll() is not None:
-            code = self.waiter.returncode
-            if self.stopping:
-                log.debug("waiting clearer pid %d gone", self.waiter.pid)
-                self.waiter = None
-            else:
-                self.lose_waiter("lost the waiting clearer (pid %d, exit %s)" % (
-                    self.waiter.pid, exit_status(code)))
-        if self.child is None:
-            return
-        code = self.child.poll()
-        if code is None:
-            if time.monotonic() >= self.child_deadline:
-                log.error("clearer pid %d still running after %g s: killing it",
-                          self.child.pid, RUN_LIMIT)
-                self.child.kill()
-                self.child_deadline = float("inf")
-            return
-        pid, self.child = self.child.pid, None
-        if code != 0:
-            self.fail_run("clearer pid %d exited with %s" % (pid, exit_status(code)))
-            return
-        log.debug("clearer pid %d done", pid)
-        self.run_failures = 0
-        self.waiter_failures = 0
-        notified = bool(self.poll_notifications())
-        if self.conn is not None and not self.stopping:
-            # Rows may have come due or been queued while it ran (its own
-            # re-clears too); changes that kept coming call for a pause.
-            self.look_at_queue(settle=notified)
-
-    def settle(self, now):
-        """Changes keep coming: start after a pause, or MAX_DELAY after the last start."""
-        self.next_start = max(self.next_start, min(now + QUIET, self.started_at + MAX_DELAY))
-
-    def fail_run(self, reason):
-        """Retry a failed clear later, backing off, so a stuck port cannot spin us."""
-        self.run_failures += 1
-        delay = backoff(self.run_failures, RUN_BACKOFF)
-        self.pending = True
-        self.next_start = time.monotonic() + delay
-        log.error("%s; retrying in %.1f s", reason, delay)
 
 
 if __name__ == "__main__":
