@@ -11,7 +11,6 @@ else
 VENV := .venv
 endif
 PY := $(VENV)/bin/python
-PYTEST_OPTS := -o "markers=reliability: stress, fault and hostile-input campaign (make reliability)"
 
 .PHONY: test run demo flush bench reliability venv pg-answers
 
@@ -47,7 +46,7 @@ pg-answers: venv
 	@$(PY) -c "$$PG_ANSWERS"
 
 test: pg-answers $(VENV)/.dev-installed
-	$(PY) -m pytest -q $(PYTEST_OPTS) test_listen.py
+	$(PY) -m pytest -q $(ARGS)
 
 # The commands it prints make the page only once the INSERT's own clear and
 # re-clear are done (the text says to wait), and list it again after a pause:
@@ -70,8 +69,8 @@ bench: pg-answers $(VENV)/.dev-installed
 
 reliability: pg-answers $(VENV)/.dev-installed
 	rm -f reliability.json
-	$(PY) -m pytest -q $(PYTEST_OPTS) -m reliability test_listen.py
-	$(PY) test_listen.py
+	$(PY) -m pytest -q -m reliability $(ARGS)
+	$(PY) -c "import conftest; conftest.print_reliability_table()"
 
 # The demo uses the database `make run` uses, a temporary cache directory,
 # and a port named demo/hello that it removes again.

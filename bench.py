@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psycopg2
 
-from test_listen import (CLEAR, Daemon, clearer_children, create_database, drop_database,
+from conftest import (CLEAR, Daemon, clearer_children, create_database, drop_database,
                          find_admin_dsn, make_page, sql, wait_for)
 
 LATENCY_CHANGES = int(os.environ.get('BENCH_LATENCY_CHANGES', 40))

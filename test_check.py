@@ -1,0 +1,120 @@
+"""clear_cache.py --check, the monitoring plugin."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from conftest import CLEAR, all_queued, backends, check, wait_for
+
+
+# -------------------------------------------------------- the monitoring check
+
+def queue_due_ago(dsn, seconds, consumer=""):
+    """Queue a row that fell due seconds ago, with no NOTIFY to clear it."""
+    conn = psycopg2.connect(dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE ports_cache_clearing DISABLE TRIGGER"
+                    " ports_cache_clearing_notify")
+        cur.execute("INSERT INTO ports_cache_clearing (category, port, consumer, due_at)"
+                    " VALUES ('www', 'old', %s, now() - %s * interval '1 s')",
+                    (consumer, seconds))
+        cur.execute("ALTER TABLE ports_cache_clearing ENABLE TRIGGER"
+                    " ports_cache_clearing_notify")
+    conn.close()
+
+
+def test_check_reports_ok_warning_and_critical(db, cache, daemon):
+    result = check(dsn=db)
+    assert result.returncode == 2, result                   # no daemon listens
+    assert result.stdout.startswith("CLEAR_CACHE CRITICAL - 0 rows due, oldest due 0 s,"
+                                    " 0 listeners | due=0 oldest=0s;60;300 listeners=0")
+    # A DSN's application_name does not rename the daemon: it names itself.
+    d = daemon(cache, "--heartbeat", "600", dsn=db + " application_name=renamed")
+    d.wait_ready()
+    result = check(dsn=db)
+    assert result.returncode == 0, result
+    assert result.stdout == ("CLEAR_CACHE OK - 0 rows due, oldest due 0 s, 1 listener |"
+                             " due=0 oldest=0s;60;300 listeners=1\n")
+    queue_due_ago(db, 90)
+    result = check(dsn=db)
+    assert result.returncode == 1, result
+    assert re.match(r"CLEAR_CACHE WARNING - 1 row due, oldest due 9\d s", result.stdout)
+    assert check("--warn", "100", dsn=db).returncode == 0
+    assert check("--warn", "30", "--crit", "80", dsn=db).returncode == 2
+    assert len(all_queued(db)) == 1, "the check changes nothing"
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 1
+
+
+def test_check_counts_the_daemon_of_its_consumer(db, cache, daemon, consumers):
+    d = daemon(cache, "--consumer", "web1", "--heartbeat", "600")
+    d.wait_ready()
+    assert backends(db, "listen_clear_cache.py web1")
+    assert check("--consumer", "web1", dsn=db).returncode == 0
+    result = check("--consumer", "web2", dsn=db)
+    assert result.returncode == 2 and "0 listeners" in result.stdout, result
+
+
+def test_check_says_unknown_for_what_it_cannot_know(db, admin_dsn):
+    for args, dsn in ((["--warn", "400"], db),                  # above --crit
+                      (["--crit", "soon"], db),
+                      ([], psycopg2.extensions.make_dsn(db, dbname="no_such_db")),
+                      ([], admin_dsn)):                          # no schema there
+        result = check(*args, dsn=dsn)
+        assert result.returncode == 3, result
+        assert "Traceback" not in result.stderr
+    assert check(dsn=admin_dsn).stdout.startswith("CLEAR_CACHE UNKNOWN - ")
+
+
+def one_line_on_stdout(result, status):
+    """Nagios: the exit status, and one line on stdout that starts with its word."""
+    assert result.returncode == status, result
+    assert len(result.stdout.splitlines()) == 1, result
+    word = ["OK", "WARNING", "CRITICAL", "UNKNOWN"][status]
+    assert result.stdout.startswith("CLEAR_CACHE %s - " % word), result.stdout
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("args", [["--warn", "500", "--crit", "100"], ["--crit", "soon"],
+                                  ["--bogus"], ["--warn"]])
+def test_every_usage_error_of_check_is_unknown_on_stdout(db, args):
+    one_line_on_stdout(check(*args, dsn=db), 3)
+
+
+def test_an_abbreviated_check_is_still_a_check(db):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEAR_CACHE_")}
+    result = subprocess.run([sys.executable, CLEAR, "--chec", "--dsn", db, "--crit", "soon"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    one_line_on_stdout(result, 3)
+
+
+def test_check_without_a_consumer_checks_every_registered_one(db, cache, daemon, consumers):
+    daemons = {}
+    for name in consumers:
+        (cache / name).mkdir()
+        daemons[name] = daemon(cache / name, "--consumer", name, "--heartbeat", "600")
+        daemons[name].wait_ready()
+    assert one_line_on_stdout(check(dsn=db), 0).startswith(
+        "CLEAR_CACHE OK - 0 rows due, oldest due 0 s, 2 listeners |")
+    queue_due_ago(db, 90, "web1")
+    line = one_line_on_stdout(check(dsn=db), 1)
+    assert "; web1: oldest due 9" in line and "web2" not in line.split("|")[0], line
+    daemons["web2"].signal(signal.SIGTERM)
+    assert daemons["web2"].wait() == 0
+    line = one_line_on_stdout(check(dsn=db), 2)       # the worst wins
+    assert "web1: oldest due 9" in line and "web2: no listener" in line, line
+    assert "1 listener" in line
+
+
+def test_check_named_while_none_is_registered_is_critical(db, cache, daemon):
+    d = daemon(cache, "--consumer", "web1", "--heartbeat", "600")
+    d.wait_log("listening")
+    wait_for(lambda: backends(db, "listen_clear_cache.py web1"), what="its connection")
+    line = one_line_on_stdout(check("--consumer", "web1", dsn=db), 2)
+    assert "consumer 'web1' is not registered in cache_consumers" in line, line

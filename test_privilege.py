@@ -1,0 +1,43 @@
+"""Least privilege: the grants schema.sql documents are enough."""
+
+import os
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import pytest
+
+from conftest import (GRANTS, add_ports, all_queued, check, clear, make_page, queued, sql,
+                     touch_port, wait_for)
+
+
+# ---------------------------------------------------------- least privilege
+
+@pytest.fixture
+def least(db):
+    """A role with exactly schema.sql's grants; its DSN."""
+    role = "lcc_least_%d" % os.getpid()
+    sql(db, "DROP ROLE IF EXISTS %s" % role)
+    for grant in GRANTS:
+        sql(db, grant.replace("freshports_cache", role))
+    yield psycopg2.extensions.make_dsn(db, user=role)
+    sql(db, "DROP OWNED BY %s; DROP ROLE %s" % (role, role))
+
+
+def test_least_privilege_is_enough_and_no_more(db, cache, daemon, least):
+    assert len(GRANTS) == 4, GRANTS
+    add_ports(db, "www/a", "www/b")
+    page = make_page(cache, "www/a")
+    result = clear(dsn=least, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists() and queued(db) == []
+    d = daemon(cache, "--heartbeat", "1", dsn=least)
+    d.wait_ready()
+    page = make_page(cache, "www/b")
+    touch_port(db, "www/b")
+    wait_for(lambda: not page.exists(), what="a change cleared by the daemon as that role")
+    wait_for(lambda: all_queued(db) == [], timeout=30, what="its re-clear too")
+    assert check(dsn=least).returncode == 0
+    assert "ERROR" not in d.log() and "WARNING" not in d.log(), d.log()
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        sql(least, "UPDATE ports SET version = 'x'")
