@@ -325,7 +325,8 @@ def test_an_on_word_keeps_the_warm_clearer(db, cache, daemon, on):
 
 @pytest.mark.parametrize("script, variable", [(LISTEN, "CLEAR_CACHE_WARM"),
                                               (LISTEN, "CLEAR_CACHE_TIMESTAMPS"),
-                                              (CLEAR, "CLEAR_CACHE_TIMESTAMPS")])
+                                              (CLEAR, "CLEAR_CACHE_TIMESTAMPS")],
+                         ids=["daemon-warm", "daemon-timestamps", "clearer-timestamps"])
 def test_an_on_off_variable_with_another_word_is_a_usage_error(cache, script, variable):
     result = subprocess.run([sys.executable, script, "--cache-dir", str(cache)],
                             capture_output=True, text=True, timeout=30,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from clear_cache import valid_port
-from conftest import (add_ports, assert_one_line_error, clear, clearer_children, drop_database,
+from conftest import (waiting_clearer, warm_backends, add_ports, assert_one_line_error, clear, clearer_children, drop_database,
                      free_port, load_schema, make_page, queued, reliability, require, sql,
                      tcp_dsn, touch_port, tree, wait_for)
 
@@ -471,6 +471,36 @@ def test_a_paused_pooler_makes_the_clearer_give_up_then_resume(db, cache, daemon
         "committed": 1, "cleared": 1, "wrongly deleted": 0,
         "reconnect s": "%.1f" % took, "notes": "clearer gave up after 1 s (heartbeat 1 s);"
         " seconds from RESUME to the page gone"}
+
+
+@reliability
+def test_a_warm_clearer_still_connecting_gives_up_through_a_paused_pooler(db, cache, daemon,
+                                                                         bouncer):
+    """The word given while the waiting clearer connects ahead starts the run's deadline."""
+    add_ports(db, "www/a", "www/b")
+    b = bouncer("session")
+    d = daemon(cache, "--heartbeat", "1", "--again-after", "0", dsn=b.dsn)
+    d.wait_ready()
+    waiting_clearer(d)
+    wait_for(lambda: warm_backends(db), what="the waiting clearer's connection")
+    admin = psycopg2.connect(b.admin)
+    admin.autocommit = True
+    threading.Thread(target=pause, args=(admin, b.dbname), daemon=True).start()
+    wait_for(lambda: "PAUSE" in (b.root / "pgbouncer.log").read_text(),
+             what="PgBouncer to pause")
+    # The connected waiter's session keeps its server: this run goes through.
+    first = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    wait_for(lambda: not first.exists(), what="the first change, through the pausing pooler")
+    # Its successor's connection is held by the paused pooler.
+    waiting_clearer(d, 2)
+    second = make_page(cache, "www/b")
+    touch_port(db, "www/b")
+    d.wait_log(r"gave up: the server did not answer in 1 s", timeout=20)
+    d.wait_log(r"clearer pid \d+ exited with 1; retrying in")
+    assert second.exists()
+    sql(b.admin, "RESUME %s" % b.dbname)
+    wait_for(lambda: not second.exists(), timeout=30, what="the change cleared after RESUME")
 
 
 @reliability
