@@ -14,6 +14,7 @@ measures named, BENCH_LATENCY_CHANGES=10 takes fewer latency samples.
 """
 
 import os
+import random
 import re
 import shutil
 import statistics
@@ -30,7 +31,9 @@ from conftest import (CLEAR, Daemon, clearer_children, create_database, drop_dat
                          find_admin_dsn, make_page, sql, wait_for)
 
 LATENCY_CHANGES = int(os.environ.get('BENCH_LATENCY_CHANGES', 40))
-LATENCY_SPACING = 1.05      # seconds between isolated changes: no burst logic applies
+# Seconds between isolated changes, at random: they meet the re-clear runs of
+# earlier changes (5 s later) at every phase.
+LATENCY_SPACING = 0.5, 1.5
 BURST_WRITERS, BURST_COMMITS, BURST_PORTS = 4, 2500, 1000
 BACKLOG_ROWS, BACKLOG_PORTS, BACKLOG_CATEGORIES = 1_000_000, 30_000, 30
 TRIGGER_ROWS, TRIGGER_REPEATS = 30_000, 15
@@ -158,8 +161,8 @@ def measure_latency(db, work):
                    p50[reference] + 3, " ms"),
              check("latency, warm clearer: p50, against 0.15 x spawn floor", p50[warm],
                    0.15 * floor, " ms"),
-             check("latency, warm clearer: max of %d, against 0.5 x spawn floor"
-                   % len(samples[warm]), worst[warm], 0.5 * floor, " ms"),
+             check("latency, warm clearer: max of %d, against 2 x spawn floor"
+                   % len(samples[warm]), worst[warm], 2 * floor, " ms"),
              check("idle: the waiting clearer's RSS", idle["rss"], 30, " MB"),
              check("idle: server connections beyond the daemon's", idle["connections"], 1, "",
                    "%d")]
@@ -177,9 +180,10 @@ def latencies(db, cache, category, start, floors, warm):
         idle = idle_cost(db, daemon) if warm else None
         conn = psycopg2.connect(db)
         latencies = []
+        pacing = random.Random(LATENCY_CHANGES)     # the same spacing for every variant
         for i in range(LATENCY_CHANGES):
             # The floor is sampled between changes, so that all see the same machine.
-            paced = time.perf_counter() + LATENCY_SPACING
+            paced = time.perf_counter() + pacing.uniform(*LATENCY_SPACING)
             floors.append(spawn_floor(db))
             time.sleep(max(0.0, paced - time.perf_counter()))  # pacing, not synchronisation
             page = make_page(cache, "%s/p%d" % (category, i))

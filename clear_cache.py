@@ -15,7 +15,6 @@ just those ports and leaves the queue alone.  Exit status: 0 all handled,
 """
 
 import argparse
-import concurrent.futures
 import dataclasses
 import errno
 import fnmatch
@@ -29,12 +28,14 @@ import string
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor     # not lazily, in the run
 
 try:
     import psycopg2
     import psycopg2.extensions
 except ImportError:     # said only where it is needed: --help and CATEGORY/PORT work without
     psycopg2 = None
+DATABASE_ERROR = psycopg2.Error if psycopg2 is not None else ()
 
 NAME_MAX = 255
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
@@ -104,34 +105,22 @@ def main(argv=None):
         ports = dict(parse_port_argument(arg, config.templates) for arg in args.ports)
         if not ports:
             require_psycopg2()
-        if not args.warm:
-            cache_fd = open_cache_dir(config.cache_dir, write=not args.dry_run)
+        give_up = GiveUp(config.give_up)
+        word, conn = wait_for_word(config, give_up) if args.warm else (True, None)
+        if not word:
+            return 0        # the daemon needs no run
+        started = time.monotonic()
+        # Opened only now: the operator may have swapped it while we waited.
+        clearer = Clearer(open_cache_dir(config.cache_dir, write=not args.dry_run),
+                          config.cache_dir, config.templates, args.dry_run)
+        rows, failed = ((0, clearer.clear_ports(ports)) if ports
+                        else flush_queue(config, clearer, give_up, conn))
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    give_up = GiveUp(config.give_up)
-    conn = None
-    if args.warm:
-        conn = wait_for_word(config, give_up)
-        try:
-            # Only now: the operator may have swapped the directory while we waited.
-            cache_fd = open_cache_dir(config.cache_dir, write=not args.dry_run)
-        except ConfigError as e:
-            log.error("%s", e)
-            return 2
-    started = time.monotonic()
-    clearer = Clearer(cache_fd, config.cache_dir, config.templates, args.dry_run)
-    if ports:
-        rows, failed = 0, clearer.clear_ports(ports)
-    else:
-        try:
-            rows, failed = flush_queue(config, clearer, give_up, conn)
-        except ConfigError as e:
-            log.error("%s", e)
-            return 2
-        except psycopg2.Error as e:
-            log.error("database error: %s", db_error(e))
-            return 1
+    except DATABASE_ERROR as e:
+        log.error("database error: %s", db_error(e))
+        return 1
     log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
              "dry run: " if args.dry_run else "", count(len(clearer.cleared), "port"),
              count(rows, "row"), count(clearer.files, "file"),
@@ -528,27 +517,34 @@ def lock_timeout(seconds):
 class GiveUp:
     """A run's deadline: exit 1 unless the server answers in time.
 
-    A timer thread ends the process, since the main one may be stuck in libpq:
-    a paused pooler, a lock.  Armed at the start of each attempt (or at the
-    daemon's word), stopped once the server has answered its first statement.
+    A watchdog thread ends the process, since the main one may be stuck in
+    libpq: a paused pooler, a lock.  Armed at the start of each attempt (or at
+    the daemon's word), disarmed once the server has answered its first
+    statement.  Started ahead, so that arming it starts no thread on the way
+    from a change to its page gone.
     """
 
     def __init__(self, seconds):
         self.seconds = seconds
-        self.timer = None
+        self.deadline = None
+        self.changed = threading.Condition()
+        threading.Thread(target=self.watch, daemon=True).start()
 
     def arm(self):
-        if self.timer is None:
-            self.timer = threading.Timer(self.seconds, self.expire)
-            self.timer.daemon = True
-            self.timer.start()
+        with self.changed:
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.seconds
+                self.changed.notify()
 
     def answered(self):
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        with self.changed:
+            self.deadline = None
 
-    def expire(self):
+    def watch(self):
+        with self.changed:
+            while self.deadline is None or time.monotonic() < self.deadline:
+                self.changed.wait(None if self.deadline is None
+                                  else self.deadline - time.monotonic())
         log.error("gave up: the server did not answer in %g s (a paused connection pooler?"
                   " a lock?)", self.seconds)
         logging.shutdown()
@@ -556,24 +552,27 @@ class GiveUp:
 
 
 def wait_for_word(config, give_up):
-    """The daemon's waiting clearer: connect ahead, then wait for the word on stdin.
+    """The daemon's waiting clearer: connect ahead, and wait for the word on stdin.
 
     The word is one byte; end of file means the daemon needs no run (it stops,
-    or it died): exit 0 at once, even while connecting.  The run's deadline
-    starts with the word, so a connection still under way counts against it.
-    Returns the connection, or None if it could not be made: the run connects
-    again.
+    or it died).  The run's deadline starts with the word, so a connection
+    still under way counts against it.  Returns (word given, the connection or
+    None if it could not be made: the run connects again).
     """
-    word = threading.Event()
+    ahead = {}
+    connecting = threading.Thread(target=connect_ahead, args=(config, ahead), daemon=True)
+    connecting.start()
+    for template in config.templates:   # compile their patterns now: fnmatch caches them
+        fnmatch.fnmatchcase("", template.expand(dict.fromkeys(PLACEHOLDERS, "x"))[2] or "")
+    if not os.read(sys.stdin.fileno(), 1):
+        return False, None
+    give_up.arm()
+    connecting.join()
+    return True, ahead.get("conn")
 
-    def listen():
-        if os.read(sys.stdin.fileno(), 1):
-            give_up.arm()
-            word.set()
-        else:
-            logging.shutdown()
-            os._exit(0)
-    threading.Thread(target=listen, daemon=True).start()
+
+def connect_ahead(config, ahead):
+    """Connect, and let the new backend fill its caches; ahead["conn"] if it worked."""
     conn = None
     try:
         conn = connect(config.dsn, fallback_application_name=WARM_NAME)
@@ -582,13 +581,11 @@ def wait_for_word(config, give_up):
             # A new backend plans its first query slowly while it fills its
             # caches: let it do that now.  No snapshot stays.
             cur.execute(NO_IDLE_TIMEOUTS + "; EXPLAIN " + SELECT_DUE, [config.consumer])
+        ahead["conn"] = conn
     except psycopg2.Error as e:
         log.warning("cannot prepare ahead, connecting again at the run: %s", one_line(e))
         if conn is not None:
             conn.close()
-            conn = None
-    word.wait()
-    return conn
 
 
 def flush_queue(config, clearer, give_up, conn=None):
@@ -671,37 +668,20 @@ def clear_snapshot(cur, clearer, config, answered):
         failed = clearer.clear_ports(ports)
         cur.execute("ROLLBACK")
         return 0, failed
-    # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
-    # committed after it started stays queued for the next run.  Nothing is
-    # committed before the files are gone, so the server may update the
-    # queue while we delete the files: a large backlog's DELETE and the
-    # unlinks overlap.  The pool's exit waits for it: the connection is free
-    # again only then.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        updating = pool.submit(update_queue, cur.connection, changed, config)
-        failed = clearer.clear_ports(ports)
-    rows = updating.result()
-    if failed:
-        rows = update_queue(cur.connection, changed, config, failed)
+    failed = clearer.clear_ports(ports)
+    rows = update_queue(cur.connection, changed, config, failed)
     cur.execute("COMMIT")
     return rows, failed
 
 
-def update_queue(conn, changed, config, failed=()):
-    """Delete the due rows but the failed ports', queue re-clears; return rows deleted.
-
-    Without failed ports it sets the savepoint that undoes it all should a
-    port fail; with them it goes back to that savepoint first.
-    """
+def update_queue(conn, changed, config, failed):
+    """Delete the due rows but the failed ports', queue re-clears; return rows deleted."""
     with conn.cursor() as cur:
-        if failed:
-            cur.execute("ROLLBACK TO SAVEPOINT snapshot_read; DELETE FROM"
-                        " ports_cache_clearing q WHERE " + DUE + " AND NOT EXISTS "
-                        + MATCHING_PAIR, [config.consumer] + pair_arrays(failed))
-        else:
-            # One round trip: this is on the way from a change to its page gone.
-            cur.execute("SAVEPOINT snapshot_read; DELETE FROM ports_cache_clearing WHERE "
-                        + DUE, [config.consumer])
+        # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
+        # committed after it started stays queued for the next run.  Nothing
+        # is committed before the files are gone.
+        cur.execute("DELETE FROM ports_cache_clearing q WHERE " + DUE + " AND NOT EXISTS "
+                    + MATCHING_PAIR, [config.consumer] + pair_arrays(failed))
         rows = cur.rowcount
         # A render that read the database before the change committed may
         # write its page after we delete it: clear once more, later.
@@ -737,6 +717,16 @@ def pair_arrays(pairs):
     return [[p[0] for p in pairs], [p[1] for p in pairs]]
 
 
+def in_this_thread(function, *args):
+    """function(*args) as a finished Future: what it returned or raised."""
+    future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
 class Clearer:
     """Removes the pages a port's templates name, never following a link inside the cache."""
 
@@ -764,8 +754,9 @@ class Clearer:
         size = max(THREADS_FROM, len(ordered) if self.dry_run
                    else math.ceil(len(ordered) / UNLINK_THREADS))
         parts = [ordered[i:i + size] for i in range(0, len(ordered), size)] or [[]]
-        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
-            futures = [pool.submit(self.clear_targets, part) for part in parts]
+        with ThreadPoolExecutor(UNLINK_THREADS) as pool:
+            futures = [pool.submit(self.clear_targets, part) for part in parts[1:]]
+            futures.insert(0, in_this_thread(self.clear_targets, parts[0]))
         errors = [f.exception() for f in futures if f.exception() is not None]
         for error in errors[1:]:
             log.error("clearing in a thread: %s", one_line(error))

@@ -114,14 +114,13 @@ BEGIN
 END
 $$;
 
--- A rename or a move also queues the old pair.  A row trigger whose WHEN
+-- A rename or a move also queues the old pair, for consumer '': the queue's
+-- trigger fans it out to the registered names.  A row trigger whose WHEN
 -- holds only then costs nothing to an UPDATE that changes other columns.
 CREATE OR REPLACE FUNCTION ports_queue_old_name() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO ports_cache_clearing (category, port, consumer)
-        SELECT OLD.category, OLD.name, coalesce(c.name, '')
-        FROM (SELECT) AS one LEFT JOIN cache_consumers c ON true;
+    INSERT INTO ports_cache_clearing (category, port) VALUES (OLD.category, OLD.name);
     RETURN NULL;
 END
 $$;

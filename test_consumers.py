@@ -37,6 +37,14 @@ def test_each_kind_of_change_queues_one_row_per_registered_consumer(db, consumer
         ("web1", "www", "a"), ("web2", "www", "a")]
 
 
+def test_a_rename_queues_the_old_pair_for_each_registered_consumer(db, consumers):
+    add_ports(db, "www/a")
+    sql(db, "DELETE FROM ports_cache_clearing")
+    sql(db, "UPDATE ports SET name = 'b' WHERE name = 'a'")
+    assert sorted(sql(db, "SELECT consumer, category, port FROM ports_cache_clearing")) == [
+        ("web1", "www", "a"), ("web1", "www", "b"), ("web2", "www", "a"), ("web2", "www", "b")]
+
+
 def test_a_manual_flush_for_an_unregistered_consumer_exits_2(db, cache, consumers):
     add_ports(db, "www/a")
     for args in ([], ["--consumer", "web3"]):
