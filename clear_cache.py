@@ -668,20 +668,37 @@ def clear_snapshot(cur, clearer, config, answered):
         failed = clearer.clear_ports(ports)
         cur.execute("ROLLBACK")
         return 0, failed
-    failed = clearer.clear_ports(ports)
-    rows = update_queue(cur.connection, changed, config, failed)
+    # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
+    # committed after it started stays queued for the next run.  Nothing is
+    # committed before the files are gone, so the server may update the
+    # queue while we delete the files: a large backlog's DELETE and the
+    # unlinks overlap.  The pool's exit waits for it: the connection is free
+    # again only then.
+    with ThreadPoolExecutor(1) as pool:
+        updating = pool.submit(update_queue, cur.connection, changed, config)
+        failed = clearer.clear_ports(ports)
+    rows = updating.result()
+    if failed:
+        rows = update_queue(cur.connection, changed, config, failed)
     cur.execute("COMMIT")
     return rows, failed
 
 
-def update_queue(conn, changed, config, failed):
-    """Delete the due rows but the failed ports', queue re-clears; return rows deleted."""
+def update_queue(conn, changed, config, failed=()):
+    """Delete the due rows but the failed ports', queue re-clears; return rows deleted.
+
+    Without failed ports it sets the savepoint that undoes it all should a
+    port fail; with them it goes back to that savepoint first.
+    """
     with conn.cursor() as cur:
-        # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
-        # committed after it started stays queued for the next run.  Nothing
-        # is committed before the files are gone.
-        cur.execute("DELETE FROM ports_cache_clearing q WHERE " + DUE + " AND NOT EXISTS "
-                    + MATCHING_PAIR, [config.consumer] + pair_arrays(failed))
+        if failed:
+            cur.execute("ROLLBACK TO SAVEPOINT snapshot_read; DELETE FROM"
+                        " ports_cache_clearing q WHERE " + DUE + " AND NOT EXISTS "
+                        + MATCHING_PAIR, [config.consumer] + pair_arrays(failed))
+        else:
+            # One round trip: this is on the way from a change to its page gone.
+            cur.execute("SAVEPOINT snapshot_read; DELETE FROM ports_cache_clearing WHERE "
+                        + DUE, [config.consumer])
         rows = cur.rowcount
         # A render that read the database before the change committed may
         # write its page after we delete it: clear once more, later.
