@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""Delete the cached pages of the ports queued in ports_cache_clearing.
+"""Delete the cached pages that the rows queued in ports_cache_clearing name.
 
-One SERIALIZABLE transaction: read the distinct (category, port) pairs of
-the rows that are due, delete the pages their templates name, delete the due
-rows the transaction saw, queue one re-clear per changed port, commit.  Rows
-queued meanwhile are not in the snapshot and stay for the next run.  Run it
-by hand for a one-off flush; the daemon, listen_clear_cache.py, runs it too.
+One SERIALIZABLE transaction: read the distinct keys of the rows that are
+due (a port's category and name), delete the pages their templates name,
+delete the due rows the transaction saw, queue one re-clear per change,
+commit.  Rows queued meanwhile are not in the snapshot and stay for the next
+run.  Run it by hand for a one-off flush; the daemon, listen_clear_cache.py,
+runs it too.  --config FILE names other queues too, each with its pages and
+a command: one transaction covers them all.
 
 A page template is a path under the cache directory, such as
 {category}/{port}/* (the default) or categories/{category}/*; only its last
-component may hold glob characters.  With CATEGORY/PORT arguments it clears
-just those ports and leaves the queue alone.  Exit status: 0 all handled,
-1 database error or a port left queued, 2 usage or configuration error.
+component may hold glob characters, and one ending in / names a directory.
+With CATEGORY/PORT arguments (or --queue TABLE NAME=VALUE ...) it clears just
+those and leaves the queue alone.  Exit status: 0 all handled, 1 database
+error or a key left queued, 2 usage or configuration error.
 """
 
 import argparse
+import configparser
 import dataclasses
+import datetime
 import errno
 import fnmatch
 import glob
@@ -23,8 +28,10 @@ import logging
 import math
 import os
 import re
+import shlex
 import stat
 import string
+import subprocess
 import sys
 import threading
 import time
@@ -40,7 +47,7 @@ DATABASE_ERROR = psycopg2.Error if psycopg2 is not None else ()
 NAME_MAX = 255
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
 RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
-UNDEFINED = {"42P01", "42703"}  # undefined_table, undefined_column
+UNDEFINED = {"42P01", "42703", "42883"}  # undefined_table, _column, _function
 UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits on the disk
 THREADS_FROM = 1000     # targets per thread at least: a small batch takes one
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -48,29 +55,38 @@ SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
 DEFAULT_PAGES = ["{category}/{port}/*"]
 DEFAULT_AGAIN_AFTER = 5.0
 DEFAULT_GIVE_UP = 30.0
+DEFAULT_TIMEOUT = 60.0  # seconds each run of a queue's command may take
+DEFAULT_QUEUE = "ports_cache_clearing"
+PORT_KEYS = (("category", "text"), ("port", "text"))
+QUEUE_OPTIONS = ("pages", "command", "again_after", "timeout")
+TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?\Z")
+DIRECTORY = "/"         # a target's pattern when its template names a directory
 RESERVED = ("later",)   # a notification's payload: no consumer may be called that
 WARM_NAME = "clear_cache.py (warm)"     # application_name of the daemon's waiting clearer
-PLACEHOLDERS = ("category", "port")
 GLOB = re.compile(r"[*?[]")
 FLAGS = {"1": True, "yes": True, "true": True, "on": True,
          "0": False, "no": False, "false": False, "off": False}
-# A queue row q whose (category, port) is among two parallel arrays.
-MATCHING_PAIR = ("(SELECT FROM unnest(%s::text[], %s::text[]) AS f(c, p)"
-                 " WHERE f.c = q.category AND f.p = q.port)")
 # This consumer's due rows; now() is the transaction's start, the snapshot's time.
-DUE = "consumer = %s AND due_at <= now()"
-SELECT_DUE = ("SELECT DISTINCT category, port, reclear FROM ports_cache_clearing WHERE "
-              + DUE)
+DUE = "consumer = %(c)s AND due_at <= now()"
+# Each queue's key columns and their types; whether it exists and is a queue.
+KEYS_QUERY = (
+    "SELECT c.oid IS NOT NULL, EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid"
+    " AND t.tgname = c.relname || '_notify'),"
+    " ARRAY(SELECT k.name::text FROM cache_clearing_keys(c.oid) k),"
+    " ARRAY(SELECT k.type FROM cache_clearing_keys(c.oid) k)"
+    " FROM unnest(%s::text[]) WITH ORDINALITY AS q(name, i)"
+    " LEFT JOIN pg_class c ON c.oid = to_regclass(q.name) ORDER BY q.i")
 OK, WARNING, CRITICAL, UNKNOWN = range(4)     # Nagios plugin exit codes
 STATUS = ["OK", "WARNING", "CRITICAL", "UNKNOWN"]
-# For each consumer: its due rows, the age of the oldest in seconds, and the
-# daemons listening for it (by application_name, the second array).
+# For each consumer: its due rows in every queue, the age of the oldest in
+# seconds, and the daemons listening for it (by application_name, the second
+# array).
 CHECK_QUERY = (
     "SELECT c.name, count(q.*), coalesce(EXTRACT(epoch FROM now() - min(q.due_at)), 0)::float8,"
     " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
     " AND application_name = c.daemon)"
     " FROM unnest(%s::text[], %s::text[]) AS c(name, daemon)"
-    " LEFT JOIN ports_cache_clearing q ON q.consumer = c.name AND q.due_at <= now()"
+    " LEFT JOIN ({queues}) q ON q.consumer = c.name AND q.due_at <= now()"
     " GROUP BY c.name, c.daemon ORDER BY c.name")
 REGISTERED = "SELECT name FROM cache_consumers ORDER BY name"
 # True when nothing is queued for consumer %(c)s: '' while names are
@@ -82,6 +98,7 @@ UNREGISTERED = ("CASE WHEN %(c)s = '' THEN EXISTS (SELECT FROM cache_consumers)"
 NO_IDLE_TIMEOUTS = ("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN"
                     " ('idle_session_timeout', 'idle_in_transaction_session_timeout')")
 UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")    # a slash, or a control character
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 log = logging.getLogger("clear_cache")
 
@@ -99,11 +116,11 @@ def main(argv=None):
     if args.check:
         return check_queue(args)
     try:
-        config = load_config(args, dsn=not args.ports)
+        config = load_config(args, dsn=not (args.ports or args.queue))
         config.give_up = seconds_setting(args.give_up_after, "CLEAR_CACHE_GIVE_UP_AFTER",
                                          DEFAULT_GIVE_UP, seconds(0, strict=True))
-        ports = dict(parse_port_argument(arg, config.templates) for arg in args.ports)
-        if not ports:
+        items = by_hand(config, args.queue, args.ports) if args.ports or args.queue else None
+        if items is None:
             require_psycopg2()
         give_up = GiveUp(config.give_up)
         word, conn = wait_for_word(config, give_up) if args.warm else (True, None)
@@ -112,8 +129,8 @@ def main(argv=None):
         started = time.monotonic()
         # Opened only now: the operator may have swapped it while we waited.
         clearer = Clearer(open_cache_dir(config.cache_dir, write=not args.dry_run),
-                          config.cache_dir, config.templates, args.dry_run)
-        rows, failed = ((0, clearer.clear_ports(ports)) if ports
+                          config.cache_dir, args.dry_run)
+        rows, failed = ((0, clearer.clear(*items)) if items is not None
                         else flush_queue(config, clearer, give_up, conn))
     except ConfigError as e:
         log.error("%s", e)
@@ -121,10 +138,11 @@ def main(argv=None):
     except DATABASE_ERROR as e:
         log.error("database error: %s", db_error(e))
         return 1
+    noun = "port" if len(config.queues) == 1 and not args.queue else "key"
     log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
-             "dry run: " if args.dry_run else "", count(len(clearer.cleared), "port"),
+             "dry run: " if args.dry_run else "", count(len(clearer.cleared), noun),
              count(rows, "row"), count(clearer.files, "file"),
-             ", %s left queued" % count(len(failed), "port") if failed else "",
+             ", %s left queued" % count(len(failed), noun) if failed else "",
              (time.monotonic() - started) * 1000)
     return 1 if failed else 0
 
@@ -135,7 +153,11 @@ def build_parser():
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be removed, change nothing")
     parser.add_argument("ports", nargs="*", metavar="CATEGORY/PORT",
-                        help="clear just these ports; the queue is not read")
+                        help="clear just these ports (NAME=VALUE with --queue); the queue is"
+                        " not read")
+    parser.add_argument("--queue", metavar="TABLE", help="clear by hand what the"
+                        " configuration's queue TABLE clears for the keys given as"
+                        " NAME=VALUE arguments (a date as YYYY-MM-DD); the queue is not read")
     parser.add_argument("--give-up-after", metavar="SECONDS", type=seconds(0, strict=True),
                         help="give up, exit 1, if the server has not answered a run's first"
                         " statement this long after the run began, or a lock is not granted"
@@ -195,13 +217,16 @@ def check_queue(args):
                     consumers = [name for name, in cur] or [""]
                 cur.execute("SELECT " + UNREGISTERED, {"c": config.consumer})
                 unregistered = bool(config.consumer) and cur.fetchone()[0]
-                cur.execute(CHECK_QUERY, [consumers, [daemon_name(c) for c in consumers]])
+                queues = " UNION ALL ".join("SELECT consumer, due_at FROM " + q.table
+                                            for q in config.queues)
+                cur.execute(CHECK_QUERY.format(queues=queues),
+                            [consumers, [daemon_name(c) for c in consumers]])
                 rows = cur.fetchall()
         finally:
             conn.close()
     except ConfigError as e:
         return report(UNKNOWN, str(e))
-    except psycopg2.Error as e:
+    except DATABASE_ERROR as e:
         return report(UNKNOWN, db_error(e))
     worst, trouble = OK, []
     for name, due, oldest, listeners in rows:
@@ -248,18 +273,61 @@ class Config:
 
     dsn: str
     cache_dir: str
-    templates: list
+    queues: list
     again_after: float
     consumer: str
     give_up: float = DEFAULT_GIVE_UP
+    source: tuple = None    # (file name, its text) of --config; None: --pages
 
     def environ(self):
-        """The environment that hands this configuration to a clearer."""
-        return dict(os.environ, CLEAR_CACHE_DSN=self.dsn, CLEAR_CACHE_DIR=self.cache_dir,
-                    CLEAR_CACHE_PAGES=" ".join(t.text for t in self.templates),
-                    CLEAR_CACHE_AGAIN_AFTER=repr(self.again_after),
-                    CLEAR_CACHE_CONSUMER=self.consumer,
-                    CLEAR_CACHE_GIVE_UP_AFTER=repr(self.give_up))
+        """The environment that hands this configuration to a clearer.
+
+        The configuration file goes as the text read at start-up: an edited
+        file takes effect when the daemon restarts.
+        """
+        env = dict(os.environ, CLEAR_CACHE_DSN=self.dsn, CLEAR_CACHE_DIR=self.cache_dir,
+                   CLEAR_CACHE_AGAIN_AFTER=repr(self.again_after),
+                   CLEAR_CACHE_CONSUMER=self.consumer,
+                   CLEAR_CACHE_GIVE_UP_AFTER=repr(self.give_up))
+        if self.source:
+            env.pop("CLEAR_CACHE_PAGES", None)
+            env.update(CLEAR_CACHE_CONFIG=self.source[0], CLEAR_CACHE_CONFIG_TEXT=self.source[1])
+        else:
+            env["CLEAR_CACHE_PAGES"] = " ".join(t.text for t in self.queues[0].templates)
+        return env
+
+    def queue(self, table):
+        """The configuration's queue of that table, by index."""
+        for i, queue in enumerate(self.queues):
+            if queue.table == table:
+                return i, queue
+        raise ConfigError("no queue %s in the configuration" % table)
+
+
+@dataclasses.dataclass
+class Queue:
+    """A queue table, what its rows clear, and (once read) its key columns."""
+
+    table: str
+    templates: list
+    command: list = None            # its arguments, as Templates
+    again_after: float = None       # None: --again-after's
+    timeout: float = DEFAULT_TIMEOUT
+    keys: tuple = None              # ((name, type), ...), from the database
+    slot: int = 0                   # where its keys start in a row of select_due()
+
+    def placeholders(self):
+        return {name for t in self.templates + (self.command or []) for name in t.names}
+
+    def targets(self, values):
+        """What its templates name for the values, or None if a value cannot be used."""
+        targets = [t.expand(values) for t in self.templates]
+        return None if None in targets else targets
+
+    def argv(self, values):
+        """Its command for the values ([] for none), or None if a value cannot be used."""
+        argv = [t.fill(values) for t in self.command or []]
+        return None if None in argv else argv
 
 
 class Parser(argparse.ArgumentParser):
@@ -278,6 +346,9 @@ def add_common_options(parser):
                         "(default: $CLEAR_CACHE_DSN, then libpq's PG* defaults)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="cache root (default: $CLEAR_CACHE_DIR)")
+    parser.add_argument("--config", metavar="FILE", help="the queues and what each clears,"
+                        " an INI file: [TABLE] with pages, command, again_after, timeout"
+                        " (default: $CLEAR_CACHE_CONFIG; none: ports_cache_clearing alone)")
     parser.add_argument("--pages", metavar="TEMPLATE", action="append",
                         help="pages to clear for a port, under the cache directory;"
                         " repeatable (default: $CLEAR_CACHE_PAGES, whitespace-separated,"
@@ -345,7 +416,6 @@ def load_config(args, dsn=True, cache=True):
     cache_dir = args.cache_dir or os.environ.get("CLEAR_CACHE_DIR") or ("" if cache else ".")
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or set CLEAR_CACHE_DIR")
-    pages = args.pages or os.environ.get("CLEAR_CACHE_PAGES", "").split() or DEFAULT_PAGES
     again_after = seconds_setting(args.again_after, "CLEAR_CACHE_AGAIN_AFTER",
                                   DEFAULT_AGAIN_AFTER, seconds(0))
     consumer = args.consumer if args.consumer is not None else os.environ.get(
@@ -353,8 +423,100 @@ def load_config(args, dsn=True, cache=True):
     if consumer in RESERVED:
         raise ConfigError("consumer %r: the name is reserved (a notification's payload)"
                           % consumer)
-    return Config(text, os.path.abspath(cache_dir), [Template(t) for t in pages],
-                  again_after, consumer)
+    pages = args.pages or os.environ.get("CLEAR_CACHE_PAGES", "").split()
+    name = args.config or os.environ.get("CLEAR_CACHE_CONFIG")
+    source = None
+    if name:
+        if pages:
+            raise ConfigError("%s: --pages and CLEAR_CACHE_PAGES go without --config: its"
+                              " sections name the pages" % name)
+        # The daemon hands its clearers the text it read at start-up.
+        source = name, os.environ.get("CLEAR_CACHE_CONFIG_TEXT") or read_file(name)
+        queues = read_queues(*source)
+    else:
+        queues = [Queue(DEFAULT_QUEUE, [Template(t, PORT_KEYS) for t in pages or DEFAULT_PAGES],
+                        keys=PORT_KEYS)]
+    return Config(text, os.path.abspath(cache_dir), queues, again_after, consumer,
+                  source=source)
+
+
+def read_file(name):
+    try:
+        with open(name, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeError) as e:
+        raise ConfigError("%s: %s" % (name, getattr(e, "strerror", None) or e)) from None
+
+
+def read_queues(name, text):
+    """The queues an INI file names: [TABLE] with pages, command, again_after, timeout."""
+    # No interpolation (% is literal), and no [DEFAULT]: every section is a table.
+    ini = configparser.ConfigParser(interpolation=None, default_section="]")
+    try:
+        ini.read_string(text, name)
+    except configparser.Error as e:
+        raise ConfigError("%s: %s" % (name, one_line(e))) from None
+    queues = []
+    for table in ini.sections():
+        section = ini[table]
+        where = "%s: [%s]" % (name, table)
+        if not TABLE_NAME.match(table):
+            raise ConfigError("%s: not a table name" % where)
+        for option in section:
+            if option not in QUEUE_OPTIONS:
+                raise ConfigError("%s: unknown option %s; there are %s"
+                                  % (where, option, ", ".join(QUEUE_OPTIONS)))
+        if not section.get("pages", "").split() and not section.get("command", "").strip():
+            raise ConfigError("%s: needs pages or command" % where)
+        def parsed(option, parse):
+            try:
+                return parse(section[option]) if option in section else None
+            except (ConfigError, ValueError, argparse.ArgumentTypeError) as e:
+                raise ConfigError("%s %s: %s" % (where, option, e)) from None
+        queue = Queue(table, parsed("pages", lambda t: [Template(p) for p in t.split()]) or [])
+        queue.command = parsed("command", lambda t: [Template(a, path=False)
+                                                     for a in shlex.split(t)]) or None
+        queue.again_after = parsed("again_after", seconds(0))
+        queue.timeout = parsed("timeout", seconds(0, strict=True)) or DEFAULT_TIMEOUT
+        queues.append(queue)
+    if not queues:        queues.append(queue)
+    if not queues:
+        raise ConfigError("%s: no queue: a section [TABLE] for each" % name)
+    return queues
+
+
+def by_hand(config, table, arguments):
+    """(targets, commands) of a clear by hand: CATEGORY/PORT, or --queue's NAME=VALUE."""
+    index, queue = config.queue(table or DEFAULT_QUEUE)
+    items = {}
+    for arg in arguments if table is None else [arguments]:
+        if table is None:
+            category, _, port = arg.partition("/")
+            values = {"category": category, "port": port}
+        else:
+            values = dict(value_argument(a) for a in arg)
+            missing = queue.placeholders() - set(values)
+            if missing:
+                raise ConfigError("--queue %s: give %s=VALUE too" % (table, sorted(missing)[0]))
+        targets, argv = queue.targets(values), queue.argv(values)
+        if targets is None or argv is None:
+            raise ConfigError("not %s the templates of %s can use: %r" % (
+                "a CATEGORY/PORT" if table is None else "values", queue.table,
+                arg if table is None else " ".join(arg)))
+        items[index, tuple(sorted(values.items()))] = targets, argv
+    return ({item: targets for item, (targets, _) in items.items()},
+            {item: (argv, queue.timeout) for item, (_, argv) in items.items() if argv})
+
+
+def value_argument(arg):
+    """(name, value) of a NAME=VALUE argument; a date is written YYYY-MM-DD."""
+    name, equals, value = arg.partition("=")
+    if not equals:
+        raise ConfigError("--queue: expected NAME=VALUE, got %r" % arg)
+    try:
+        return name, datetime.date.fromisoformat(value)
+    except ValueError:
+        return name, value
 
 
 def seconds_setting(value, variable, default, parse):
@@ -410,80 +572,101 @@ def valid_port(category, port):
     return valid_name(category) and valid_name(port)
 
 
-def parse_port_argument(arg, templates):
-    """((category, port), its targets) of an argument the templates can use."""
-    category, _, port = arg.partition("/")
-    targets = page_targets(templates, category, port)
-    if targets is None:
-        raise ConfigError("not a CATEGORY/PORT the page templates can use: %r" % arg)
-    return (category, port), targets
-
-
-def page_targets(templates, category, port):
-    """What the templates name for (category, port), or None if it cannot use them."""
-    if not valid_port(category, port):
-        return None
-    values = {"category": category, "port": port}
-    targets = [t.expand(values) for t in templates]
-    return None if None in targets else targets
-
-
 class Template:
-    """A page template, such as categories/{category}/*, checked at start-up.
+    """A page template, such as categories/{category}/*, or a command's argument.
 
-    Placeholders may stand anywhere, {{ and }} are braces; only the last
-    component may hold glob characters, and a value put into it matches only
-    itself (glob.escape).
+    Placeholders may stand anywhere, with a format spec ({date:%Y}); {{ and }}
+    are braces.  In a page template only the last component may hold glob
+    characters, and a value put into it matches only itself (glob.escape); a
+    template that ends in / names a directory.  keys, where known at start-up,
+    are the names placeholders may take.
     """
 
-    def __init__(self, text, keys=PLACEHOLDERS):
+    def __init__(self, text, keys=None, path=True):
         self.text = text
-        if not text or re.search(r"\s", text):
-            raise ConfigError("page template %r: empty or has white space" % text)
-        if text.startswith("/"):
-            raise ConfigError("page template %r: must be relative to the cache directory"
-                              % text)
-        self.parts = []     # per component: [(literal text, placeholder or None)]
-        components = text.split("/")
+        self.directory = path and text.endswith("/")
+        if path and (not text or re.search(r"\s", text)):
+            self.refuse("empty or has white space")
+        if path and text.startswith("/"):
+            self.refuse("must be relative to the cache directory")
+        self.parts = []     # per component: [(literal text, placeholder or None, spec)]
+        components = text[:-1].split("/") if self.directory else text.split("/") if path \
+            else [text]
         for i, part in enumerate(components):
             try:
                 parsed = list(string.Formatter().parse(part))
             except ValueError as e:
                 self.refuse("%s (a brace is written {{ or }})" % e)
-            for _, name, spec, conversion in parsed:
-                if name is not None and name not in keys:
+            if any(conversion for _, _, _, conversion in parsed):
+                self.refuse("no !conversion in a placeholder")
+            pieces = [(literal, name, spec) for literal, name, spec, _ in parsed]
+            literal = "".join(piece[0] for piece in pieces)
+            for _, name, spec in pieces:
+                if name is not None and keys is not None and name not in dict(keys):
                     self.refuse("unknown placeholder {%s}; there are %s"
-                                % (name, ", ".join("{%s}" % k for k in keys)))
-                if spec or conversion:
-                    self.refuse("{%s} takes no format" % name)
-            pieces = [(literal, name) for literal, name, _, _ in parsed]
-            literal = "".join(piece for piece, _ in pieces)
-            if all(name is None for _, name in pieces) and not valid_name(literal):
+                                % (name, ", ".join("{%s}" % k for k, _ in keys)))
+                if path and spec and "/" in spec:
+                    self.refuse("{%s:%s}: a / in a format spec" % (name, spec))
+            if path and all(name is None for _, name, _ in pieces) and not valid_name(literal):
                 self.refuse("%r is no file name" % part)
-            if GLOB.search(literal) and i < len(components) - 1:
-                self.refuse("glob characters before the last component")
+            if path and GLOB.search(literal) and (i < len(components) - 1 or self.directory):
+                self.refuse("glob characters before the last component, or in a directory")
             self.parts.append(pieces)
-        self.glob = bool(GLOB.search(literal))
+        self.names = {name for pieces in self.parts for _, name, _ in pieces if name}
+        self.glob = path and bool(GLOB.search(literal))
 
     def refuse(self, why):
-        raise ConfigError("page template %r: %s" % (self.text, why))
+        raise ConfigError("template %r: %s" % (self.text, why))
+
+    def render(self, value, spec, path):
+        """A placeholder's text, or None when the row's value cannot be used.
+
+        A value is used as str() gives it, with the spec applied; a spec that
+        fails for a usable value, or puts a slash into a path, is the
+        configuration's fault.
+        """
+        if value is None:
+            return None
+        text = str(value)
+        if CONTROL.search(text) or (path and not valid_name(text)):
+            return None
+        if spec:
+            try:
+                text = format(value, spec)
+            except (TypeError, ValueError) as e:
+                self.refuse("{:%s} cannot format %r: %s" % (spec, value, e))
+            if CONTROL.search(text) or (path and "/" in text):
+                self.refuse("{:%s} makes %r of %r" % (spec, text, value))
+        return text
+
+    def join(self, pieces, values, path, escape=False):
+        """The pieces with the values put in, or None if a value cannot be used."""
+        out = []
+        for literal, name, spec in pieces:
+            out.append(literal)
+            if name is not None:
+                text = self.render(values[name], spec, path)
+                if text is None:
+                    return None
+                out.append(glob.escape(text) if escape else text)
+        return "".join(out)
+
+    def fill(self, values):
+        """A command's argument for the values, or None if one cannot be used."""
+        return self.join(self.parts[0], values, path=False)
 
     def expand(self, values):
-        """(directories, last component, its fnmatch pattern or None), or None if unusable.
+        """(directories, last component, its fnmatch pattern, DIRECTORY or None).
 
-        The values must be valid names already.
+        None if a value cannot be used: unsafe, too long once the template's
+        text is added, or NULL.
         """
-        parts = []
-        for pieces in self.parts:
-            part = "".join(literal + (values[name] if name else "") for literal, name in pieces)
-            if not valid_name(part):
-                return None     # too long, once the template's text is added
-            parts.append(part)
-        pattern = None
-        if self.glob:
-            # A port named 'a*' never matches another's page.
-            pattern = "".join(literal + (glob.escape(values[name]) if name else "")
-                              for literal, name in self.parts[-1])
+        parts = [self.join(pieces, values, path=True) for pieces in self.parts]
+        if None in parts or not all(map(valid_name, parts)):
+            return None
+        pattern = DIRECTORY if self.directory else None
+        if self.glob:   # a port named 'a*' never matches another's page
+            pattern = self.join(self.parts[-1], values, path=True, escape=True)
         return tuple(parts[:-1]), parts[-1], pattern
 
 
@@ -562,8 +745,10 @@ def wait_for_word(config, give_up):
     ahead = {}
     connecting = threading.Thread(target=connect_ahead, args=(config, ahead), daemon=True)
     connecting.start()
-    for template in config.templates:   # compile their patterns now: fnmatch caches them
-        fnmatch.fnmatchcase("", template.expand(dict.fromkeys(PLACEHOLDERS, "x"))[2] or "")
+    for queue in config.queues:     # compile their patterns now: fnmatch caches them
+        for template in queue.templates:
+            target = template.expand(dict.fromkeys(queue.placeholders(), "x"))
+            fnmatch.fnmatchcase("", target[2] if target and target[2] != DIRECTORY else "")
     if not os.read(sys.stdin.fileno(), 1):
         return False, None
     give_up.arm()
@@ -578,18 +763,73 @@ def connect_ahead(config, ahead):
         conn = connect(config.dsn, fallback_application_name=WARM_NAME)
         conn.autocommit = True
         with conn.cursor() as cur:
+            cur.execute(NO_IDLE_TIMEOUTS)
+            read_keys(cur, config.queues)
             # A new backend plans its first query slowly while it fills its
             # caches: let it do that now.  No snapshot stays.
-            cur.execute(NO_IDLE_TIMEOUTS + "; EXPLAIN " + SELECT_DUE, [config.consumer])
+            cur.execute("EXPLAIN " + select_due(config.queues), {"c": config.consumer})
         ahead["conn"] = conn
+    except ConfigError:
+        ahead["conn"] = conn    # the run says what is wrong
     except psycopg2.Error as e:
         log.warning("cannot prepare ahead, connecting again at the run: %s", one_line(e))
         if conn is not None:
             conn.close()
 
 
+def read_keys(cur, queues):
+    """Read the key columns of queues that a configuration file named; check them.
+
+    ConfigError for a table that is missing or no queue, or a placeholder
+    that names none of its keys: exit 2, with nothing deleted.
+    """
+    if all(queue.keys is not None for queue in queues):
+        return
+    cur.execute(KEYS_QUERY, [[queue.table for queue in queues]])
+    take_keys(queues, cur.fetchall())
+
+
+def take_keys(queues, rows):
+    """Take each queue's key columns from KEYS_QUERY's rows, or raise ConfigError."""
+    for queue, (exists, is_queue, names, types) in zip(queues, rows):
+        if not exists:
+            raise ConfigError("queue %s: no such table" % queue.table)
+        if not is_queue:
+            raise ConfigError("queue %s: not a queue (SELECT cache_clearing_queue('%s') makes"
+                              " it one)" % (queue.table, queue.table))
+        unknown = sorted(queue.placeholders() - set(names))
+        if unknown:
+            raise ConfigError("queue %s: placeholder {%s} is not one of its key columns (%s)"
+                              % (queue.table, unknown[0], ", ".join(names) or "it has none"))
+        queue.keys = tuple(zip(names, types))
+    slot = 0
+    for queue in queues:
+        queue.slot, slot = slot, slot + len(queue.keys)
+
+
+def select_due(queues):
+    """The distinct keys of every queue's due rows, in one round trip.
+
+    A row is (queue index, reclear, every queue's keys): each queue fills its
+    own typed slots, and NULL the others'.
+    """
+    slots = ["NULL::%s" % kind for queue in queues for _, kind in queue.keys]
+    branches = []
+    for index, queue in enumerate(queues):
+        columns = list(slots)
+        for i, (name, _) in enumerate(queue.keys):
+            columns[queue.slot + i] = quote_ident(name)
+        branches.append("SELECT DISTINCT %d, reclear%s FROM %s WHERE %s" % (
+            index, "".join(", " + c for c in columns), queue.table, DUE))
+    return " UNION ALL ".join(branches)
+
+
+def quote_ident(name):
+    return '"%s"' % name.replace('"', '""')
+
+
 def flush_queue(config, clearer, give_up, conn=None):
-    """Clear every due port in one transaction; return (rows deleted, failed ports).
+    """Clear every queue's due keys in one transaction; return (rows deleted, failed keys).
 
     conn, if given, was opened before the run was asked for; should it turn
     out to be dead, the run connects again.  Each attempt must have its first
@@ -606,6 +846,7 @@ def flush_queue(config, clearer, give_up, conn=None):
                 # clear_snapshot sends BEGIN itself, with the lock_timeout.
                 conn.autocommit = True
                 with conn.cursor() as cur:
+                    read_keys(cur, config.queues)
                     try:
                         return clear_snapshot(cur, clearer, config, give_up.answered)
                     except BaseException:
@@ -638,7 +879,7 @@ def roll_back(cur):
 
 
 def clear_snapshot(cur, clearer, config, answered):
-    """Clear the ports due in this transaction's snapshot, delete their rows, queue re-clears."""
+    """Clear the keys due in this transaction's snapshot, delete their rows, queue re-clears."""
     # The first answer proves the server reachable (no paused pooler): a cheap
     # statement, so that the deadline never cuts short the SELECT of a large
     # backlog.  A lock not granted within give_up fails the run: it is retried.
@@ -646,71 +887,96 @@ def clear_snapshot(cur, clearer, config, answered):
                 [lock_timeout(config.give_up)])
     answered()
     # Deduplicate in the database: a backlog can hold a million rows.
-    cur.execute(SELECT_DUE, [config.consumer])
+    cur.execute(select_due(config.queues), {"c": config.consumer})
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
-    changed = {}    # (category, port) -> queued by a change, not only by a re-clear
-    for category, port, reclear in cur:
-        changed[category, port] = changed.get((category, port), False) or not reclear
-    ports = {p: page_targets(clearer.templates, *p) for p in changed}
-    unusable = [p for p, targets in ports.items() if targets is None]
-    if unusable:
-        # They can never name a cache entry, so they go with the batch.
-        cur.execute("SELECT min(id), count(*), category, port FROM ports_cache_clearing q"
-                    " WHERE " + DUE + " AND EXISTS " + MATCHING_PAIR +
-                    " GROUP BY category, port", [config.consumer] + pair_arrays(unusable))
-        for row in cur:
-            log.warning("row %d (%s): invalid name %r/%r, %s", row[0], count(row[1], "row"),
-                        *row[2:], "would be deleted" if clearer.dry_run else "deleted unused")
-        for pair in unusable:
-            del changed[pair], ports[pair]
+    changed = {}    # (queue index, keys) -> queued by a change, not only by a re-clear
+    for row in cur:
+        queue = config.queues[row[0]]
+        item = row[0], row[2 + queue.slot:2 + queue.slot + len(queue.keys)]
+        changed[item] = changed.get(item, False) or not row[1]
+    targets, commands = {}, {}
+    for item in list(changed):
+        queue = config.queues[item[0]]
+        values = dict(zip((name for name, _ in queue.keys), item[1]))
+        targets[item], argv = queue.targets(values), queue.argv(values)
+        if targets[item] is None or argv is None:
+            # It can never name a cache entry, so it goes with the batch.
+            log.warning("%s: invalid name %s, %s", queue.table, ", ".join(
+                "%s=%r" % kv for kv in values.items()), "would be deleted" if clearer.dry_run
+                else "deleted unused")
+            del changed[item], targets[item]
+        elif argv:
+            commands[item] = argv, queue.timeout
     if clearer.dry_run:
-        failed = clearer.clear_ports(ports)
+        failed = clearer.clear(targets, commands)
         cur.execute("ROLLBACK")
         return 0, failed
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
     # committed after it started stays queued for the next run.  Nothing is
-    # committed before the files are gone, so the server may update the
-    # queue while we delete the files: a large backlog's DELETE and the
-    # unlinks overlap.  The pool's exit waits for it: the connection is free
-    # again only then.
+    # committed before the files are gone (and the commands done), so the
+    # server may update the queues meanwhile: a large backlog's DELETE and
+    # the unlinks overlap.  The pool's exit waits for it: the connection is
+    # free again only then.
     with ThreadPoolExecutor(1) as pool:
-        updating = pool.submit(update_queue, cur.connection, changed, config)
-        failed = clearer.clear_ports(ports)
+        updating = pool.submit(update_queues, cur.connection, changed, config)
+        failed = clearer.clear(targets, commands)
     rows = updating.result()
     if failed:
-        rows = update_queue(cur.connection, changed, config, failed)
+        rows = update_queues(cur.connection, changed, config, failed)
     cur.execute("COMMIT")
     return rows, failed
 
 
-def update_queue(conn, changed, config, failed=()):
-    """Delete the due rows but the failed ports', queue re-clears; return rows deleted.
+def update_queues(conn, changed, config, failed=()):
+    """Delete the due rows but the failed keys', queue re-clears; return rows deleted.
 
-    Without failed ports it sets the savepoint that undoes it all should a
-    port fail; with them it goes back to that savepoint first.
+    Without failed keys it sets the savepoint that undoes it all should a key
+    fail; with them it goes back to that savepoint first.
     """
+    params, failed = {"c": config.consumer}, set(failed)
     with conn.cursor() as cur:
-        if failed:
-            cur.execute("ROLLBACK TO SAVEPOINT snapshot_read; DELETE FROM"
-                        " ports_cache_clearing q WHERE " + DUE + " AND NOT EXISTS "
-                        + MATCHING_PAIR, [config.consumer] + pair_arrays(failed))
-        else:
-            # One round trip: this is on the way from a change to its page gone.
-            cur.execute("SAVEPOINT snapshot_read; DELETE FROM ports_cache_clearing WHERE "
-                        + DUE, [config.consumer])
-        rows = cur.rowcount
-        # A render that read the database before the change committed may
-        # write its page after we delete it: clear once more, later.
-        # Re-clears queue nothing, so they never chain.
-        skip = set(failed)
-        again = [p for p, change in changed.items() if change and p not in skip]
-        if config.again_after and again:
-            cur.execute("INSERT INTO ports_cache_clearing (category, port, consumer, due_at,"
-                        " reclear) SELECT c, p, %s, now() + %s * interval '1 second', true"
-                        " FROM unnest(%s::text[], %s::text[]) AS f(c, p)",
-                        [config.consumer, config.again_after] + pair_arrays(again))
+        cur.execute("ROLLBACK TO SAVEPOINT snapshot_read" if failed
+                    else "SAVEPOINT snapshot_read")
+        rows = 0
+        for index, queue in enumerate(config.queues):
+            kept = [keys for i, keys in failed if i == index]
+            if kept and not queue.keys:
+                continue        # a queue without keys is one item: it stays whole
+            delete = "DELETE FROM %s q WHERE %s" % (queue.table, DUE)
+            if kept:
+                delete += " AND NOT EXISTS (SELECT FROM %s WHERE %s)" % (
+                    unnest(queue), " AND ".join("f.k%d = q.%s" % (i, quote_ident(name))
+                                                for i, (name, _) in enumerate(queue.keys)))
+            cur.execute(delete, dict(params, **columns(kept, queue)))
+            rows += cur.rowcount
+            # A render that read the database before the change committed may
+            # write its page after we delete it: clear once more, later.
+            # Re-clears queue nothing, so they never chain.
+            again = [keys for (i, keys), change in changed.items()
+                     if i == index and change and (i, keys) not in failed]
+            delay = config.again_after if queue.again_after is None else queue.again_after
+            if delay and again:
+                names = "".join(quote_ident(name) + ", " for name, _ in queue.keys)
+                cur.execute("INSERT INTO %s (%sconsumer, due_at, reclear) SELECT %s%%(c)s,"
+                            " now() + %%(delay)s * interval '1 second', true FROM %s" % (
+                                queue.table, names, "".join("f.k%d, " % i for i in range(
+                                    len(queue.keys))), unnest(queue) if queue.keys
+                                else "(SELECT) AS f"),
+                            dict(params, delay=delay, **columns(again, queue)))
     return rows
+
+
+def unnest(queue):
+    """Parallel typed arrays, one per key column, as f(k0, k1, ...)."""
+    return "unnest(%s) AS f(%s)" % (
+        ", ".join("%%(k%d)s::%s[]" % (i, kind) for i, (_, kind) in enumerate(queue.keys)),
+        ", ".join("k%d" % i for i in range(len(queue.keys))))
+
+
+def columns(keys, queue):
+    """The parameters of unnest(): each key column's values."""
+    return {"k%d" % i: [k[i] for k in keys] for i in range(len(queue.keys))}
 
 
 def unregistered_reason(consumer):
@@ -729,11 +995,6 @@ def check_consumer(cur, consumer):
         raise ConfigError(unregistered_reason(consumer))
 
 
-def pair_arrays(pairs):
-    """Query parameters for MATCHING_PAIR: the categories, then the ports."""
-    return [[p[0] for p in pairs], [p[1] for p in pairs]]
-
-
 def in_this_thread(function, *args):
     """function(*args) as a finished Future: what it returned or raised."""
     future = Future()
@@ -745,24 +1006,36 @@ def in_this_thread(function, *args):
 
 
 class Clearer:
-    """Removes the pages a port's templates name, never following a link inside the cache."""
+    """Removes the pages templates name, never following a link inside the cache; runs commands."""
 
-    def __init__(self, cache_fd, cache_dir, templates, dry_run=False):
+    def __init__(self, cache_fd, cache_dir, dry_run=False):
         self.cache_fd = cache_fd
         self.cache_dir = cache_dir
-        self.templates = templates
         self.dry_run = dry_run
         # What this run did, over all its attempts (a serialization failure
-        # retries the transaction): ports cleared, files removed.
+        # retries the transaction): keys cleared, files removed.
         self.cleared = set()
         self.files = 0
 
-    def clear_ports(self, ports):
-        """Clear {(category, port): its page_targets}; return the pairs that failed."""
+    def clear(self, targets, commands):
+        """Clear {item: its targets}, then run {item: (argv, timeout)}; return the failed items.
+
+        Each distinct target is cleared once, whichever items name it.  A
+        command runs once its item's pages are gone.
+        """
+        failed = self.clear_pages(targets)
+        for item, (argv, timeout) in commands.items():
+            if item not in failed and not self.run(argv, timeout):
+                failed.add(item)
+        self.cleared.update(item for item in targets if item not in failed)
+        return [item for item in targets if item in failed]
+
+    def clear_pages(self, items):
+        """Clear {item: its targets}; return the set of items whose pages failed."""
         targets = {}    # each distinct (directories, last, pattern) once per run
-        for pair, its_targets in ports.items():
+        for item, its_targets in items.items():
             for target in its_targets:
-                targets.setdefault(target, []).append(pair)
+                targets.setdefault(target, []).append(item)
         # Sorted, targets that share directories come together.  A large batch
         # is cut into UNLINK_THREADS runs of them, each with its own walk:
         # unlinking pages that were written back to disk mostly waits on the
@@ -785,8 +1058,29 @@ class Clearer:
             self.files += files
             for target in bad:
                 failed.update(targets[target])
-        self.cleared.update(p for p in ports if p not in failed)
-        return [p for p in ports if p in failed]
+        return failed
+
+    def run(self, argv, timeout):
+        """Run a queue's command, never through a shell; False if it failed."""
+        if self.dry_run:
+            print("would run: " + shlex.join(argv))
+            return True
+        # Its output goes to our stderr, and it is given no secret of ours.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CLEAR_CACHE_DSN", "CLEAR_CACHE_CONFIG_TEXT")}
+        try:
+            code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                                  env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.error("command %s: still running after %g s: killed", shlex.join(argv), timeout)
+            return False
+        except OSError as e:
+            log.error("command %s: %s", shlex.join(argv), e.strerror)
+            return False
+        if code:
+            log.error("command %s: exited with %s", shlex.join(argv),
+                      code if code > 0 else "signal %d" % -code)
+        return code == 0
 
     def clear_targets(self, targets):
         """Clear each of the sorted targets; return (those that failed, files removed).
@@ -843,6 +1137,8 @@ class Clearer:
         # Directories are told apart first: unlink(2) of one fails with EISDIR
         # on Linux but EPERM elsewhere.
         try:
+            if pattern == DIRECTORY:
+                return self.remove_directory(dir_fd, dirs, last)
             if pattern is not None:
                 with os.scandir(dir_fd) as entries:
                     found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries
@@ -869,11 +1165,32 @@ class Clearer:
             except FileNotFoundError:
                 pass        # not there, or someone else removed it: that is the goal
             except IsADirectoryError:
-                log.warning("%s: is a directory, left alone", self.path(*dirs, name))
+                log.warning("%s: is a directory, left alone%s", self.path(*dirs, name),
+                            "" if pattern else " (a template ends in /* for its files, or in"
+                            " / for the directory itself)")
             except OSError as e:
                 log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
                 ok = False
         log.debug("%s: removed %d files", "/".join(dirs + (last,)), removed)
+        return ok, removed
+
+    def remove_directory(self, parent_fd, dirs, name):
+        """Unlink the non-directory entries of directory name, then remove it if empty."""
+        fd, ok = self.open_dir(parent_fd, dirs + (name,))
+        if fd is None:
+            return ok, 0
+        try:
+            ok, removed = self.remove(fd, dirs + (name,), "*", "*")
+        finally:
+            os.close(fd)
+        if ok and not self.dry_run:
+            try:
+                os.rmdir(name, dir_fd=parent_fd)
+            except OSError as e:
+                # A renderer writing into it meanwhile, or a subdirectory: it stays.
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
+                    ok = False
         return ok, removed
 
     def path(self, *parts):

@@ -44,10 +44,10 @@ UNANNOUNCED_EVERY = 3600.0      # seconds between warnings about lost notificati
 RUN_LIMIT = 3600.0      # seconds a clearer may run before it is killed: a backstop
 CHANNEL = "clear_ports_cache"   # schema.sql's NOTIFY
 LATER = "later"         # the payload of a notification about rows due later only
-# Seconds until this consumer's earliest row falls due (<= 0: due now; NULL:
-# none), and whether nothing can be queued for it.
-LOOK_QUERY = ("SELECT (SELECT EXTRACT(epoch FROM min(due_at) - now())::float8"
-              " FROM ports_cache_clearing WHERE consumer = %(c)s), " + clear_cache.UNREGISTERED)
+# Seconds until this consumer's earliest row in any queue falls due (<= 0:
+# due now; NULL: none), and whether nothing can be queued for it.
+LOOK_QUERY = ("SELECT (SELECT EXTRACT(epoch FROM min(due_at) - now())::float8 FROM ({queues})"
+              " AS q), " + clear_cache.UNREGISTERED)
 DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
 LOCK_NOT_AVAILABLE = "55P03"
@@ -242,6 +242,10 @@ class Daemon:
         self.heard_at = 0.0             # the server's last sign of life
         self.outage = Calm()            # the connection's troubles
         self.unregistered = Calm()      # nothing can be queued for this consumer
+        self.misconfigured = Calm()     # a queue of the configuration file is not as it says
+        self.look_sql = LOOK_QUERY.format(queues=" UNION ALL ".join(
+            "SELECT min(due_at) AS due_at FROM %s WHERE consumer = %%(c)s" % q.table
+            for q in config.queues))
         self.unannounced = Calm(UNANNOUNCED_EVERY, logging.WARNING, after=2)
         self.look_at = NEVER            # the next look at the queue, while no run is wanted
         self.run_at = NEVER             # the wanted run's start; NEVER: none wanted
@@ -367,6 +371,9 @@ class Daemon:
         if ended is None:
             return
         pid, code = ended
+        if code == 2 and self.config.source:
+            for queue in self.config.queues:
+                queue.keys = None       # a queue may have changed: look at them again
         if code != 0:
             self.fail_run("clearer pid %d exited with %s" % (pid, exit_status(code)))
             return
@@ -475,7 +482,22 @@ class Daemon:
         """Ask when the earliest row falls due: run the clearer now, or set the timer."""
         cursor = self.conn.cursor()
         try:
-            cursor.execute(LOOK_QUERY, {"c": self.config.consumer})
+            queues = self.config.queues
+            if any(queue.keys is None for queue in queues):
+                # Its clearers would exit 2: say why here, once a minute, and look again.
+                cursor.execute(clear_cache.KEYS_QUERY, [[queue.table for queue in queues]])
+                self.wait_ready(self.conn)
+                try:
+                    clear_cache.take_keys(queues, cursor.fetchall())
+                except clear_cache.ConfigError as e:
+                    for queue in queues:
+                        queue.keys = None
+                    self.misconfigured.failed(str(e))
+                    self.heard_at = time.monotonic()
+                    self.look_at = self.heard_at + self.heartbeat
+                    return
+                self.misconfigured.ended("the queues are as configured")
+            cursor.execute(self.look_sql, {"c": self.config.consumer})
             self.wait_ready(self.conn)
             wait, unregistered = cursor.fetchone()
         except Interrupted:

@@ -1,41 +1,18 @@
--- listen_clear_cache schema: the ports table, the cache-clearing queue and
--- the trigger that fills it.  Safe to load again: it keeps existing data.
+-- listen_clear_cache schema: the machinery that makes any table a
+-- cache-clearing queue, the queue ports_cache_clearing, and (where the
+-- database has no ports of its own, or one with text columns category and
+-- name) the ports table and the triggers that fill the queue.  Safe to load
+-- again: it keeps existing data.  Load it as the role that owns the queues,
+-- never as a superuser (see "Adopting on an existing database" in README.md):
 --
 --   psql -v ON_ERROR_STOP=1 -f schema.sql
 
 SET client_min_messages = warning;
 BEGIN;
 
-CREATE TABLE IF NOT EXISTS ports (
-    id       serial PRIMARY KEY,
-    category text NOT NULL,
-    name     text NOT NULL,
-    version  text,
-    UNIQUE (category, name)
-);
-
--- The queue is the source of truth; NOTIFY is only a wake-up.  Rows are
--- inserted unconditionally (no UNIQUE, no ON CONFLICT): a change arriving
--- while a clearer holds an older row for the same port must not be dropped.
--- The clearer deduplicates when it reads.
-CREATE TABLE IF NOT EXISTS ports_cache_clearing (
-    id        bigserial,
-    category  text NOT NULL,
-    port      text NOT NULL,
-    queued_at timestamptz NOT NULL DEFAULT now()
-);
--- Ids name rows in messages; the sequence keeps them unique.  No index: the
--- clearer reads the whole due queue anyway, and a primary key was more than
--- half of what the trigger cost an UPDATE of ports.
-ALTER TABLE ports_cache_clearing DROP CONSTRAINT IF EXISTS ports_cache_clearing_pkey;
--- A row is due once due_at has passed; any program may queue a clear for
--- later.  reclear marks the second clear that follows a change, for renders
--- that raced the first: clearing it queues nothing.  Added here so that an
--- older queue keeps its rows.
-ALTER TABLE ports_cache_clearing
-    ADD COLUMN IF NOT EXISTS due_at  timestamptz NOT NULL DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS reclear boolean NOT NULL DEFAULT false,
-    ADD COLUMN IF NOT EXISTS consumer text NOT NULL DEFAULT '';
+-- The functions below that run as their owner (SECURITY DEFINER) take this
+-- schema's search_path, pg_temp last, from the session (FROM CURRENT).
+DO $$ BEGIN PERFORM set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true); END $$;
 
 -- Several web servers, each with its own cache and daemon (--consumer NAME):
 -- while this table is empty every change is queued once, for consumer '';
@@ -45,18 +22,130 @@ CREATE TABLE IF NOT EXISTS cache_consumers (
     name text PRIMARY KEY CHECK (name NOT IN ('', 'later'))
 );
 
+-- A queue's keys: its columns without a default, an identity or a generation
+-- expression.  The clearer's placeholders name them; a re-clear copies them
+-- and lets the defaults fill the rest.
+CREATE OR REPLACE FUNCTION cache_clearing_keys(queue regclass)
+RETURNS TABLE (name name, type text)
+LANGUAGE sql STABLE AS $$
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid = queue AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.atthasdef
+      AND a.attidentity = '' AND a.attgenerated = ''
+    ORDER BY a.attnum
+$$;
+
+-- Whoever inserts into a queue wakes the daemon: a trigger, a program's
+-- "clear later", the clearer's own re-clears.  Rows due now notify with their
+-- consumer as payload (none, in single-server mode), so that a transaction's
+-- notifications fold into one per consumer and that consumer's daemon starts
+-- a run at once; rows due later only with 'later', on which every daemon
+-- looks when its rows fall due.  A statement that inserted no rows wakes
+-- nobody.  One channel for every queue: a run reads them all.
+CREATE OR REPLACE FUNCTION cache_clearing_notify() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    keys text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM cache_consumers) THEN
+        IF EXISTS (SELECT FROM inserted WHERE due_at <= now()) THEN
+            NOTIFY clear_ports_cache;
+        ELSIF EXISTS (SELECT FROM inserted) THEN
+            NOTIFY clear_ports_cache, 'later';
+        END IF;
+        RETURN NULL;
+    END IF;
+    -- Names are registered: a row for '' (a program's "clear later", a
+    -- rename's old name) becomes one row for each name, whose INSERT
+    -- notifies in turn.  Rows for '' that another statement left are no
+    -- one's either, so every one visible goes the same way.
+    IF EXISTS (SELECT FROM inserted WHERE consumer = '') THEN
+        SELECT string_agg(quote_ident(k.name) || ', ', '') INTO keys
+            FROM cache_clearing_keys(TG_RELID) k;
+        EXECUTE format('WITH d AS (DELETE FROM %1$I.%2$I WHERE consumer = %3$L RETURNING *)'
+                       ' INSERT INTO %1$I.%2$I (%4$s due_at, reclear, consumer)'
+                       ' SELECT %4$s d.due_at, d.reclear, c.name'
+                       ' FROM d CROSS JOIN cache_consumers c',
+                       TG_TABLE_SCHEMA, TG_TABLE_NAME, '', coalesce(keys, ''));
+    END IF;
+    PERFORM pg_notify('clear_ports_cache', consumer)
+        FROM (SELECT DISTINCT consumer FROM inserted
+              WHERE due_at <= now() AND consumer <> '') AS due;
+    IF NOT FOUND AND EXISTS (SELECT FROM inserted WHERE consumer <> '') THEN
+        NOTIFY clear_ports_cache, 'later';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Makes an existing table a cache-clearing queue; idempotent, keeps its rows.
+-- Rows are inserted unconditionally: a UNIQUE or PRIMARY KEY made of keys
+-- only would drop a change arriving while a clearer holds an older row (or
+-- fail its INSERT), and collide with the re-clears, so it is refused.
+CREATE OR REPLACE FUNCTION cache_clearing_queue(queue regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    refused record;
+BEGIN
+    -- A row is due once due_at has passed; any program may queue a clear for
+    -- later.  reclear marks the second clear that follows a change, for
+    -- renders that raced the first: clearing it queues nothing.
+    EXECUTE format('ALTER TABLE %s'
+                   ' ADD COLUMN IF NOT EXISTS due_at timestamptz NOT NULL DEFAULT now(),'
+                   ' ADD COLUMN IF NOT EXISTS reclear boolean NOT NULL DEFAULT false,'
+                   ' ADD COLUMN IF NOT EXISTS consumer text NOT NULL DEFAULT %L', queue, '');
+    SELECT coalesce(c.conname, i.indexrelid::regclass::text) AS what,
+           CASE c.contype WHEN 'p' THEN 'PRIMARY KEY' WHEN 'u' THEN 'UNIQUE constraint'
+                ELSE 'unique index' END AS kind,
+           (SELECT string_agg(a.attname, ', ') FROM pg_attribute a
+            WHERE a.attrelid = queue AND a.attnum = ANY (i.indkey)) AS columns
+        INTO refused
+        FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid
+                                                AND c.conrelid = queue
+        WHERE i.indrelid = queue AND i.indisunique AND i.indexprs IS NULL
+          AND NOT EXISTS (SELECT FROM unnest(i.indkey) AS k(attnum)
+                          WHERE k.attnum NOT IN (
+                              SELECT a.attnum FROM pg_attribute a
+                              JOIN cache_clearing_keys(queue) ck ON ck.name = a.attname
+                              WHERE a.attrelid = queue))
+        LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cache_clearing_queue(%): % % is made of key columns only (%):'
+            ' a change queued while an older row is would be dropped or fail, and'
+            ' re-clears would collide; drop it first', queue, refused.kind, refused.what,
+            refused.columns;
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s',
+                   (SELECT relname FROM pg_class WHERE oid = queue) || '_notify', queue);
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS inserted'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_notify()',
+                   (SELECT relname FROM pg_class WHERE oid = queue) || '_notify', queue);
+END
+$$;
+
+-- The queue of port pages.  Ids name rows in messages; the sequence keeps
+-- them unique.  No index: the clearer reads the whole due queue anyway, and
+-- a primary key was more than half of what the trigger cost an UPDATE of
+-- ports.
+CREATE TABLE IF NOT EXISTS ports_cache_clearing (
+    id        bigserial,
+    category  text NOT NULL,
+    port      text NOT NULL,
+    queued_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE ports_cache_clearing DROP CONSTRAINT IF EXISTS ports_cache_clearing_pkey;
 -- The sequence hands each session ids a hundred at a time: a 30,000-row
 -- statement then queues its rows much faster.  Ids only need to be unique.
 ALTER SEQUENCE ports_cache_clearing_id_seq CACHE 100;
+DO $$ BEGIN PERFORM cache_clearing_queue('ports_cache_clearing'); END $$;
+DROP FUNCTION IF EXISTS ports_cache_clearing_notify();     -- the seed's, replaced
 
 -- Statement-level, with transition tables: one INSERT ... SELECT per
 -- statement instead of one per row.  The pairs are distinct already, since
 -- (category, name) is UNIQUE.  The changed rows are named by the event, hence
 -- EXECUTE: a transition table exists only in the trigger made for its event.
--- No LEFT JOIN for consumer '': on an empty cache_consumers it made an UPDATE
--- of 30,000 ports cost 15-20 ms more.
+-- While no consumer is registered, no join.
 CREATE OR REPLACE FUNCTION ports_queue_cache_clearing() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     changed text := CASE TG_OP WHEN 'DELETE' THEN 'old_rows'
                                WHEN 'TRUNCATE' THEN 'ports' ELSE 'new_rows' END;
@@ -77,91 +166,81 @@ BEGIN
 END
 $$;
 
--- Whoever inserts into the queue wakes the daemon: the trigger above, a
--- clear queued for later, the clearer's own re-clears.  Rows due now notify
--- with their consumer as payload (none, in single-server mode), so that a
--- transaction's notifications fold into one per consumer and that consumer's
--- daemon starts a run at once; rows due later only with 'later', on which
--- every daemon looks when its rows fall due.  A statement that inserted no
--- rows wakes nobody.
-CREATE OR REPLACE FUNCTION ports_cache_clearing_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM cache_consumers) THEN
-        IF EXISTS (SELECT FROM inserted WHERE due_at <= now()) THEN
-            NOTIFY clear_ports_cache;
-        ELSIF EXISTS (SELECT FROM inserted) THEN
-            NOTIFY clear_ports_cache, 'later';
-        END IF;
-        RETURN NULL;
-    END IF;
-    -- Names are registered: a row for '' (a program's "clear later", say)
-    -- becomes one row for each name, whose INSERT notifies in turn.
-    IF EXISTS (SELECT FROM inserted WHERE consumer = '') THEN
-        DELETE FROM ports_cache_clearing q USING inserted i
-            WHERE q.id = i.id AND i.consumer = '';
-        INSERT INTO ports_cache_clearing (category, port, consumer, due_at, reclear)
-            SELECT i.category, i.port, c.name, i.due_at, i.reclear
-            FROM inserted i CROSS JOIN cache_consumers c WHERE i.consumer = '';
-    END IF;
-    PERFORM pg_notify('clear_ports_cache', consumer)
-        FROM (SELECT DISTINCT consumer FROM inserted
-              WHERE due_at <= now() AND consumer <> '') AS due;
-    IF NOT FOUND AND EXISTS (SELECT FROM inserted WHERE consumer <> '') THEN
-        NOTIFY clear_ports_cache, 'later';
-    END IF;
-    RETURN NULL;
-END
-$$;
-
 -- A rename or a move also queues the old pair, for consumer '': the queue's
--- trigger fans it out to the registered names.  A row trigger whose WHEN
--- holds only then costs nothing to an UPDATE that changes other columns.
+-- trigger fans it out to the registered names.
 CREATE OR REPLACE FUNCTION ports_queue_old_name() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     INSERT INTO ports_cache_clearing (category, port) VALUES (OLD.category, OLD.name);
     RETURN NULL;
 END
 $$;
 
--- Transition tables allow one event per trigger, hence one trigger each.
-DROP TRIGGER IF EXISTS ports_cache_clearing_insert ON ports;
-DROP TRIGGER IF EXISTS ports_cache_clearing_update ON ports;
-DROP TRIGGER IF EXISTS ports_cache_clearing_delete ON ports;
-DROP TRIGGER IF EXISTS ports_cache_clearing_rename ON ports;
-DROP TRIGGER IF EXISTS ports_cache_clearing_truncate ON ports;
-DROP TRIGGER IF EXISTS ports_cache_clearing_notify ON ports_cache_clearing;
+-- Writers need only INSERT on a queue (and its sequence): the machinery runs
+-- as its owner.  So that nobody else attaches it to a table of their own and
+-- runs as that owner, only the owner may use it.  PostgreSQL checks EXECUTE
+-- on a trigger function only at CREATE TRIGGER: writers lose nothing.
+REVOKE EXECUTE ON FUNCTION cache_clearing_notify(), cache_clearing_queue(regclass),
+    ports_queue_cache_clearing(), ports_queue_old_name() FROM PUBLIC;
 
-CREATE TRIGGER ports_cache_clearing_insert
-    AFTER INSERT ON ports REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
-CREATE TRIGGER ports_cache_clearing_update
-    AFTER UPDATE ON ports REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
-CREATE TRIGGER ports_cache_clearing_delete
-    AFTER DELETE ON ports REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
-CREATE TRIGGER ports_cache_clearing_rename
-    AFTER UPDATE OF category, name ON ports
-    FOR EACH ROW WHEN (OLD.category IS DISTINCT FROM NEW.category
-                       OR OLD.name IS DISTINCT FROM NEW.name)
-    EXECUTE FUNCTION ports_queue_old_name();
--- TRUNCATE has no transition table: queue every port before it goes.
-CREATE TRIGGER ports_cache_clearing_truncate
-    BEFORE TRUNCATE ON ports
-    FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
-CREATE TRIGGER ports_cache_clearing_notify
-    AFTER INSERT ON ports_cache_clearing REFERENCING NEW TABLE AS inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION ports_cache_clearing_notify();
+-- The example ports, and its triggers: created where the database has no
+-- ports, installed where its ports has the text columns category and name,
+-- and otherwise left alone, with one warning.
+DO $$
+BEGIN
+    IF to_regclass('ports') IS NULL THEN
+        CREATE TABLE ports (
+            id       serial PRIMARY KEY,
+            category text NOT NULL,
+            name     text NOT NULL,
+            version  text,
+            UNIQUE (category, name)
+        );
+    END IF;
+    IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'ports'::regclass
+        AND attname IN ('category', 'name') AND atttypid = 'text'::regtype
+        AND NOT attisdropped) < 2 THEN
+        RAISE WARNING 'this database''s ports has no text columns category and name:'
+            ' schema.sql installed the machinery and ports_cache_clearing, and left ports'
+            ' and its triggers alone (see "Adopting on an existing database" in README.md)';
+        RETURN;
+    END IF;
+    -- Transition tables allow one event per trigger, hence one trigger each.
+    DROP TRIGGER IF EXISTS ports_cache_clearing_insert ON ports;
+    DROP TRIGGER IF EXISTS ports_cache_clearing_update ON ports;
+    DROP TRIGGER IF EXISTS ports_cache_clearing_delete ON ports;
+    DROP TRIGGER IF EXISTS ports_cache_clearing_rename ON ports;
+    DROP TRIGGER IF EXISTS ports_cache_clearing_truncate ON ports;
+    CREATE TRIGGER ports_cache_clearing_insert
+        AFTER INSERT ON ports REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
+    CREATE TRIGGER ports_cache_clearing_update
+        AFTER UPDATE ON ports REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
+    CREATE TRIGGER ports_cache_clearing_delete
+        AFTER DELETE ON ports REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
+    -- A row trigger whose WHEN holds only on a rename costs nothing to an
+    -- UPDATE that changes other columns.
+    CREATE TRIGGER ports_cache_clearing_rename
+        AFTER UPDATE OF category, name ON ports
+        FOR EACH ROW WHEN (OLD.category IS DISTINCT FROM NEW.category
+                           OR OLD.name IS DISTINCT FROM NEW.name)
+        EXECUTE FUNCTION ports_queue_old_name();
+    -- TRUNCATE has no transition table: queue every port before it goes.
+    CREATE TRIGGER ports_cache_clearing_truncate
+        BEFORE TRUNCATE ON ports
+        FOR EACH STATEMENT EXECUTE FUNCTION ports_queue_cache_clearing();
+END
+$$;
 
 COMMIT;
 
--- Least privilege: the daemon and the clearer need these, and nothing more
--- (the queue's trigger, which they fire when they queue re-clears, runs with
--- their rights).  Connecting also needs CONNECT on the database and USAGE on
--- the schema, which PostgreSQL grants to PUBLIC by default; a hardened
--- cluster must grant them too.
+-- Least privilege: the daemon and the clearer need these, and nothing more.
+-- Connecting also needs CONNECT on the database and USAGE on the schema,
+-- which PostgreSQL grants to PUBLIC by default; a hardened cluster must
+-- grant them too.  For every other queue a configuration names, the same
+-- three rights on it and its sequence.
 --
 --   CREATE ROLE freshports_cache LOGIN;
 --   GRANT SELECT, INSERT, DELETE ON ports_cache_clearing TO freshports_cache;
