@@ -359,22 +359,26 @@ def admin_dsn():
         pytest.fail(str(e), pytrace=False)
 
 
-def create_database(admin_dsn, name):
-    """Create database name, load schema.sql with psql; return its DSN."""
+def create_database(admin_dsn, name, *files, site=None):
+    """Create database name with the site's own SQL, then schema.sql and files; its DSN."""
     drop_database(admin_dsn, name)
     conn = psycopg2.connect(admin_dsn)
     conn.autocommit = True
     conn.cursor().execute("CREATE DATABASE %s" % name)
     conn.close()
     dsn = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
-    load_schema(dsn)
+    if site:
+        sql(dsn, site)
+    load_schema(dsn, *files)
     return dsn
 
 
-def load_schema(dsn):
-    """Load schema.sql the way the README says: psql -v ON_ERROR_STOP=1 -f."""
-    result = subprocess.run(["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn,
-                             "-f", SCHEMA], capture_output=True, text=True)
+def load_schema(dsn, *files):
+    """Load schema.sql (and files) the way the README says: psql -v ON_ERROR_STOP=1 -f."""
+    argv = ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", SCHEMA]
+    for name in files:
+        argv += ["-f", str(name)]
+    result = subprocess.run(argv, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result
 

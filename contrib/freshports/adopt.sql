@@ -1,0 +1,50 @@
+-- listen_clear_cache on FreshPorts' own database.  Load it after schema.sql,
+-- both as the role that owns the queue tables, never as a superuser:
+--
+--   psql -v ON_ERROR_STOP=1 -f schema.sql -f contrib/freshports/adopt.sql
+--
+-- FreshPorts' own triggers and import scripts keep filling its queues as
+-- they do; their NOTIFYs (port_updated, date_updated, ...) do no harm.
+
+SET client_min_messages = warning;
+BEGIN;
+
+-- A unique key made of a queue's keys drops a change that arrives while an
+-- older row is queued (ON CONFLICT DO NOTHING), or fails its INSERT:
+-- UNIQUE (category, port) on cache_clearing_ports since 2022, the primary
+-- key on cache_clearing_commits.  Whatever their names, they go.
+DO $$
+DECLARE
+    queue text;
+    doomed record;
+BEGIN
+    FOREACH queue IN ARRAY ARRAY['cache_clearing_ports', 'cache_clearing_dates',
+                                 'cache_clearing_commits'] LOOP
+        FOR doomed IN
+            SELECT c.conname FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
+            WHERE c.conrelid = queue::regclass AND c.contype IN ('p', 'u')
+              AND NOT EXISTS (SELECT FROM unnest(i.indkey) AS k(attnum)
+                              WHERE k.attnum NOT IN (
+                                  SELECT a.attnum FROM pg_attribute a
+                                  JOIN cache_clearing_keys(queue::regclass) ck
+                                    ON ck.name = a.attname
+                                  WHERE a.attrelid = queue::regclass))
+        LOOP
+            EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', queue, doomed.conname);
+        END LOOP;
+        PERFORM cache_clearing_queue(queue::regclass);
+    END LOOP;
+END
+$$;
+
+-- The packages import empties the packages cache with a zfs rollback, a
+-- command, not a file deletion.  Instead of NOTIFY packages_imported, it
+-- queues a row here (INSERT INTO packages_cache_clearing DEFAULT VALUES): a
+-- queue without keys, meaning "all of it", once per run.
+CREATE TABLE IF NOT EXISTS packages_cache_clearing (
+    id         bigserial,
+    date_added timestamptz NOT NULL DEFAULT now()
+);
+DO $$ BEGIN PERFORM cache_clearing_queue('packages_cache_clearing'); END $$;
+
+COMMIT;
