@@ -138,7 +138,7 @@ def main(argv=None):
     except DATABASE_ERROR as e:
         log.error("database error: %s", db_error(e))
         return 1
-    noun = "port" if len(config.queues) == 1 and not args.queue else "key"
+    noun = "key" if config.source else "port"
     log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
              "dry run: " if args.dry_run else "", count(len(clearer.cleared), noun),
              count(rows, "row"), count(clearer.files, "file"),
@@ -479,7 +479,6 @@ def read_queues(name, text):
         queue.again_after = parsed("again_after", seconds(0))
         queue.timeout = parsed("timeout", seconds(0, strict=True)) or DEFAULT_TIMEOUT
         queues.append(queue)
-    if not queues:        queues.append(queue)
     if not queues:
         raise ConfigError("%s: no queue: a section [TABLE] for each" % name)
     return queues

@@ -131,7 +131,7 @@ def test_a_port_update_clears_its_pages_its_category_and_the_news(site, cache):
     wait_for(lambda: not any(p.exists() for p in gone), what="nginx, www and the news")
     d.wait_idle()
     assert all(p.exists() for p in kept)
-    wait_for(lambda: not sql(db, "SELECT FROM cache_clearing_ports"), what="the queue to drain")
+    wait_for(lambda: sql(db, "SELECT count(*) FROM cache_clearing_ports") == [(0,)], what="the queue to drain")
 
 
 def test_a_new_dependency_clears_both_ports(site, cache):
@@ -166,14 +166,14 @@ def test_a_queued_commit_removes_its_directory_and_sanity_pages(site, cache):
     wait_for(lambda: not (cache / "commits" / "abc123").exists(), what="the commit's directory")
     assert not any(p.exists() for p in gone)
     assert all(p.exists() for p in kept)
-    wait_for(lambda: not sql(db, "SELECT FROM cache_clearing_commits"), what="the queue")
+    wait_for(lambda: sql(db, "SELECT count(*) FROM cache_clearing_commits") == [(0,)], what="the queue")
 
 
 def test_the_packages_command_runs(site):
     db, _, marker, _ = site
     sql(db, "INSERT INTO packages_cache_clearing DEFAULT VALUES")
     wait_for(marker.exists, what="the packages command")
-    wait_for(lambda: not sql(db, "SELECT FROM packages_cache_clearing"), what="its row gone")
+    wait_for(lambda: sql(db, "SELECT count(*) FROM packages_cache_clearing") == [(0,)], what="its row gone")
 
 
 def test_a_failing_packages_command_keeps_its_row(freshports_db, cache, daemon, tmp_path):
