@@ -13,6 +13,7 @@ For a quicker look while working: BENCH_ONLY=measure_backlog runs only the
 measures named, BENCH_LATENCY_CHANGES=10 takes fewer latency samples.
 """
 
+import datetime
 import os
 import random
 import re
@@ -157,6 +158,7 @@ def measure_latency(db, work):
                  "%.1f ms" % floor)]
     rows += [info("latency, %s: p50 / max of %d" % (v, len(samples[v])),
                   "%.1f ms / %.1f ms" % (p50[v], worst[v])) for v in (reference, cold)]
+    REFERENCE["in-process p50"] = p50[reference]
     rows += [check("latency, warm clearer: p50, against in-process p50 + 3 ms", p50[warm],
                    p50[reference] + 3, " ms"),
              check("latency, warm clearer: p50, against 0.15 x spawn floor", p50[warm],
@@ -417,7 +419,113 @@ def measure_trigger(db, work):
                   statistics.median(ratios3), 1 + 0.5 * 3, "", "%.2f")]
 
 
-MEASURES = [measure_latency, measure_burst, measure_backlog, measure_trigger]
+FRESHPORTS = Path(__file__).resolve().parent / "contrib" / "freshports"
+REFERENCE = {}      # measure_latency's in-process p50, for measure_freshports
+
+
+def measure_freshports(db, work):
+    """FreshPorts' four queues (contrib/freshports): an isolated port change, a backlog."""
+    admin = find_admin_dsn()
+    name = "lcc_bench_fp_%d" % os.getpid()
+    fp = create_database(admin, name, FRESHPORTS / "adopt.sql",
+                         site=(FRESHPORTS / "subset.sql").read_text())
+    try:
+        per_category = BACKLOG_PORTS // BACKLOG_CATEGORIES
+        sql(fp, "INSERT INTO element (name) SELECT 'p' || i FROM generate_series(1, %s) AS i"
+            % BACKLOG_PORTS)
+        sql(fp, "INSERT INTO categories (name) SELECT 'c' || i FROM generate_series(0, %s) AS i"
+            % (BACKLOG_CATEGORIES - 1))
+        sql(fp, "INSERT INTO ports (element_id, category_id) SELECT e.id, c.id FROM element e"
+            " JOIN categories c ON c.name = 'c' || (substr(e.name, 2)::int - 1) / %s"
+            " WHERE e.name LIKE 'p%%'" % per_category)
+        config = work / "freshports.ini"
+        config.write_text((FRESHPORTS / "listen_clear_cache.ini").read_text().replace(
+            "/sbin/zfs rollback -r zroot/freshports/cache/packages@empty", "/bin/true"))
+        cache = work / "fp-latency"
+        cache.mkdir()
+        daemon = Daemon(work, fp, cache, "--config", str(config))
+        try:
+            daemon.wait_ready()
+            conn = psycopg2.connect(fp)
+            pacing = random.Random(LATENCY_CHANGES)
+            samples = []
+            for i in range(LATENCY_CHANGES):
+                time.sleep(pacing.uniform(*LATENCY_SPACING))
+                page = make_page(cache, "ports/c0/p%d" % (i + 1), "Detail.html")
+                with conn, conn.cursor() as cur:
+                    cur.execute("UPDATE ports SET version = 'x' WHERE element_id ="
+                                " (SELECT id FROM element WHERE name = %s)", ("p%d" % (i + 1),))
+                committed = time.perf_counter()
+                while page.exists():
+                    time.sleep(0.0002)
+                samples.append((time.perf_counter() - committed) * 1000)
+            conn.close()
+        finally:
+            daemon.kill()
+        wall, rss = clear_freshports_backlog(fp, work / "fp-backlog", config)
+    finally:
+        drop_database(admin, name)
+    reference = REFERENCE.get("in-process p50")
+    rows = [check("FreshPorts, four queues: warm p50 of an isolated port change, against"
+                  " in-process p50 + 3 ms", statistics.median(samples),
+                  reference + 3, " ms") if reference is not None else
+            info("FreshPorts, four queues: warm p50 of an isolated port change",
+                 "%.1f ms" % statistics.median(samples))]
+    return rows + [check("FreshPorts, four queues: backlog of 1M rows, wall time", wall, 2.5,
+                         " s", "%.2f"),
+                   check("FreshPorts, four queues: backlog peak RSS", rss, 64, " MB")]
+
+
+def clear_freshports_backlog(fp, cache, config):
+    """1,000,000 rows over the four queues, their pages cached; one run clears them."""
+    per_category = BACKLOG_PORTS // BACKLOG_CATEGORIES
+    sql(fp, "TRUNCATE cache_clearing_ports, cache_clearing_dates, cache_clearing_commits,"
+        " packages_cache_clearing")
+    for table in ("cache_clearing_ports", "cache_clearing_dates", "cache_clearing_commits",
+                  "packages_cache_clearing"):
+        sql(fp, "ALTER TABLE %s DISABLE TRIGGER %s_notify" % (table, table))
+    sql(fp, "INSERT INTO cache_clearing_ports (port_id, category, port)"
+        " SELECT p.id, c.name, e.name FROM ports p JOIN element e ON e.id = p.element_id"
+        " JOIN categories c ON c.id = p.category_id, generate_series(1, 23) AS n"
+        " WHERE e.name LIKE 'p%'")
+    sql(fp, "INSERT INTO cache_clearing_dates (date_to_clear) SELECT date '2020-01-01' + i % 1000"
+        " FROM generate_series(1, 100000) AS i")
+    sql(fp, "INSERT INTO cache_clearing_commits (commit_to_clear) SELECT 'c' || i % 1000"
+        " FROM generate_series(1, 100000) AS i")
+    sql(fp, "INSERT INTO packages_cache_clearing (id) SELECT i FROM generate_series(1, %s) AS i"
+        % (BACKLOG_ROWS - 23 * BACKLOG_PORTS - 200000))
+    for table in ("cache_clearing_ports", "cache_clearing_dates", "cache_clearing_commits",
+                  "packages_cache_clearing"):
+        sql(fp, "ALTER TABLE %s ENABLE TRIGGER %s_notify" % (table, table))
+        sql(fp, "VACUUM ANALYZE %s" % table)
+    total = sum(sql(fp, "SELECT count(*) FROM %s" % t)[0][0] for t in (
+        "cache_clearing_ports", "cache_clearing_dates", "cache_clearing_commits",
+        "packages_cache_clearing"))
+    assert total == BACKLOG_ROWS, total
+    sql(fp, "CHECKPOINT")
+    for c in range(BACKLOG_CATEGORIES):
+        make_page(cache, "categories/c%d" % c, "index.html")
+        for p in range(per_category):
+            make_page(cache, "ports/c%d/p%d" % (c, c * per_category + p + 1), "Detail.html")
+    for i in range(1000):
+        day = datetime.date(2020, 1, 1) + datetime.timedelta(days=i)
+        make_page(cache, day.strftime("daily/%Y/%m"), day.strftime("%d.daily.head"))
+        make_page(cache, "commits/c%d" % i, "index.html")
+    make_page(cache, "news", "index.html")
+    env = dict(os.environ, CLEAR_CACHE_DSN=fp, CLEAR_CACHE_DIR=str(cache))
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, CLEAR, "-q", "--give-up-after", "1", "--config",
+                             str(config)], env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    assert os.waitstatus_to_exitcode(status) == 0, "the backlog run failed"
+    left = sum(len(files) for _, _, files in os.walk(cache))
+    assert left == 0, "%d files left" % left
+    return wall, usage.ru_maxrss / 1024
+
+
+MEASURES = [measure_latency, measure_burst, measure_backlog, measure_trigger,
+            measure_freshports]
 MEASURES = [m for m in MEASURES if m.__name__ in os.environ.get("BENCH_ONLY", "") or
             not os.environ.get("BENCH_ONLY")]
 

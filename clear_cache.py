@@ -44,6 +44,7 @@ except ImportError:     # said only where it is needed: --help and CATEGORY/PORT
     psycopg2 = None
 DATABASE_ERROR = psycopg2.Error if psycopg2 is not None else ()
 
+__version__ = "1.0.0"    # the one version of both scripts (pyproject.toml reads it)
 NAME_MAX = 255
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
 RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
@@ -360,6 +361,7 @@ def add_common_options(parser):
     parser.add_argument("--consumer", metavar="NAME", help="this web server's name in"
                         " cache_consumers, when several clear their own caches (default:"
                         " $CLEAR_CACHE_CONSUMER, then '': a single server)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
                       const=logging.WARNING, default=logging.INFO,
@@ -503,7 +505,11 @@ def by_hand(config, table, arguments):
                 "a CATEGORY/PORT" if table is None else "values", queue.table,
                 arg if table is None else " ".join(arg)))
         items[index, tuple(sorted(values.items()))] = targets, argv
-    return ({item: targets for item, (targets, _) in items.items()},
+    targets = {}
+    for item, (found, _) in items.items():
+        for target in found:
+            targets.setdefault(target, []).append(item)
+    return (list(items), targets,
             {item: (argv, queue.timeout) for item, (_, argv) in items.items() if argv})
 
 
@@ -642,13 +648,14 @@ class Template:
         """The pieces with the values put in, or None if a value cannot be used."""
         out = []
         for literal, name, spec in pieces:
-            out.append(literal)
+            if literal:
+                out.append(literal)
             if name is not None:
                 text = self.render(values[name], spec, path)
                 if text is None:
                     return None
                 out.append(glob.escape(text) if escape else text)
-        return "".join(out)
+        return out[0] if len(out) == 1 else "".join(out)     # a value alone: shared
 
     def fill(self, values):
         """A command's argument for the values, or None if one cannot be used."""
@@ -746,7 +753,10 @@ def wait_for_word(config, give_up):
     connecting.start()
     for queue in config.queues:     # compile their patterns now: fnmatch caches them
         for template in queue.templates:
-            target = template.expand(dict.fromkeys(queue.placeholders(), "x"))
+            try:
+                target = template.expand(dict.fromkeys(queue.placeholders(), "x"))
+            except ConfigError:
+                continue    # a spec the stand-in value does not fit: the run will tell
             fnmatch.fnmatchcase("", target[2] if target and target[2] != DIRECTORY else "")
     if not os.read(sys.stdin.fileno(), 1):
         return False, None
@@ -894,21 +904,24 @@ def clear_snapshot(cur, clearer, config, answered):
         queue = config.queues[row[0]]
         item = row[0], row[2 + queue.slot:2 + queue.slot + len(queue.keys)]
         changed[item] = changed.get(item, False) or not row[1]
-    targets, commands = {}, {}
+    targets, commands = {}, {}  # {target: the items naming it}, {item: (argv, timeout)}
     for item in list(changed):
         queue = config.queues[item[0]]
         values = dict(zip((name for name, _ in queue.keys), item[1]))
-        targets[item], argv = queue.targets(values), queue.argv(values)
-        if targets[item] is None or argv is None:
+        found, argv = queue.targets(values), queue.argv(values)
+        if found is None or argv is None:
             # It can never name a cache entry, so it goes with the batch.
             log.warning("%s: invalid name %s, %s", queue.table, ", ".join(
                 "%s=%r" % kv for kv in values.items()), "would be deleted" if clearer.dry_run
                 else "deleted unused")
-            del changed[item], targets[item]
-        elif argv:
+            del changed[item]
+            continue
+        for target in found:
+            targets.setdefault(target, []).append(item)
+        if argv:
             commands[item] = argv, queue.timeout
     if clearer.dry_run:
-        failed = clearer.clear(targets, commands)
+        failed = clearer.clear(changed, targets, commands)
         cur.execute("ROLLBACK")
         return 0, failed
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
@@ -919,7 +932,7 @@ def clear_snapshot(cur, clearer, config, answered):
     # free again only then.
     with ThreadPoolExecutor(1) as pool:
         updating = pool.submit(update_queues, cur.connection, changed, config)
-        failed = clearer.clear(targets, commands)
+        failed = clearer.clear(changed, targets, commands)
     rows = updating.result()
     if failed:
         rows = update_queues(cur.connection, changed, config, failed)
@@ -1016,25 +1029,21 @@ class Clearer:
         self.cleared = set()
         self.files = 0
 
-    def clear(self, targets, commands):
-        """Clear {item: its targets}, then run {item: (argv, timeout)}; return the failed items.
+    def clear(self, items, targets, commands):
+        """Clear {target: the items naming it}, then run {item: (argv, timeout)}.
 
-        Each distinct target is cleared once, whichever items name it.  A
-        command runs once its item's pages are gone.
+        Returns the items that failed.  Each distinct target is cleared once,
+        whichever items name it; a command runs once its item's pages are gone.
         """
         failed = self.clear_pages(targets)
         for item, (argv, timeout) in commands.items():
             if item not in failed and not self.run(argv, timeout):
                 failed.add(item)
-        self.cleared.update(item for item in targets if item not in failed)
-        return [item for item in targets if item in failed]
+        self.cleared.update(item for item in items if item not in failed)
+        return [item for item in items if item in failed]
 
-    def clear_pages(self, items):
-        """Clear {item: its targets}; return the set of items whose pages failed."""
-        targets = {}    # each distinct (directories, last, pattern) once per run
-        for item, its_targets in items.items():
-            for target in its_targets:
-                targets.setdefault(target, []).append(item)
+    def clear_pages(self, targets):
+        """Clear {target: the items naming it}; return the set of items whose pages failed."""
         # Sorted, targets that share directories come together.  A large batch
         # is cut into UNLINK_THREADS runs of them, each with its own walk:
         # unlinking pages that were written back to disk mostly waits on the
