@@ -159,7 +159,7 @@ def test_cron_line_runs_in_crons_bare_environment(db, cache, tmp_path):
     assert "%" not in command, "cron turns % into a newline"
     log = tmp_path / "logs" / "cron.log"      # the line makes its directory
     for example, real in (("/usr/local/listen_clear_cache", str(HERE)),
-                          ("dbname=freshports user=freshports host=/var/run/postgresql",
+                          ("dbname=freshports user=freshports",
                            db.replace("'", "")),
                           ("/var/db/freshports/cache", str(cache)),
                           ("/var/log/freshports/listen_clear_cache.log", str(log))):
@@ -199,8 +199,8 @@ def test_cron_line_runs_in_crons_bare_environment(db, cache, tmp_path):
 
 
 def readme_pkill(signal_option, cache):
-    """The README's cron pkill command for one signal, aimed at this cache directory."""
-    lines = [line.split("#")[0] for line in (HERE / "README.md").read_text().splitlines()
+    """contrib/README.md's cron pkill command for one signal, aimed at this cache directory."""
+    lines = [line.split("#")[0] for line in (CONTRIB / "README.md").read_text().splitlines()
              if line.strip().startswith("pkill %s " % signal_option)]
     assert len(lines) == 1, lines
     return shlex.split(lines[0].replace("/var/db/freshports/cache", str(cache)))
