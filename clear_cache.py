@@ -633,7 +633,7 @@ class Template:
         if value is None:
             return None
         text = str(value)
-        if CONTROL.search(text) or (path and not valid_name(text)):
+        if not valid_name(text) if path else CONTROL.search(text):
             return None
         if spec:
             try:
@@ -667,9 +667,20 @@ class Template:
         None if a value cannot be used: unsafe, too long once the template's
         text is added, or NULL.
         """
-        parts = [self.join(pieces, values, path=True) for pieces in self.parts]
-        if None in parts or not all(map(valid_name, parts)):
-            return None
+        parts = []
+        for pieces in self.parts:
+            if len(pieces) == 1 and pieces[0][1] is None:
+                parts.append(pieces[0][0])      # literal: checked at start-up
+            elif len(pieces) == 1 and not pieces[0][0] and not pieces[0][2]:
+                part = self.render(values[pieces[0][1]], "", path=True)    # a value alone
+                if part is None:
+                    return None
+                parts.append(part)
+            else:
+                part = self.join(pieces, values, path=True)
+                if part is None or not valid_name(part):
+                    return None     # too long, once the template's text is added
+                parts.append(part)
         pattern = DIRECTORY if self.directory else None
         if self.glob:   # a port named 'a*' never matches another's page
             pattern = self.join(self.parts[-1], values, path=True, escape=True)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg2
@@ -353,3 +354,80 @@ def test_daemontools_files_are_complete():
     assert "exec multilog t" in (svc / "log" / "run").read_text()
     for name in ("CLEAR_CACHE_DSN", "CLEAR_CACHE_DIR", "CLEAR_CACHE_TIMESTAMPS"):
         assert (svc / "env" / name).read_text().strip()
+
+
+def supervising(under):
+    """Pids of supervise processes of a listen-clear-cache service below `under`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path("/proc/%s/cmdline" % pid).read_bytes().split(b"\0")
+            cwd = os.readlink("/proc/%s/cwd" % pid)
+        except OSError:
+            continue        # gone while we looked
+        if argv[0].endswith(b"supervise") and cwd.startswith(str(under)):
+            found.append(int(pid))
+    return found
+
+
+def readme_block(after):
+    """The indented command lines of contrib/README.md's first block after the line `after`."""
+    lines = (CONTRIB / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(after))
+    block, seen = [], False
+    for line in lines[start + 1:]:
+        if line.startswith("    "):
+            block.append(line.strip().split("   #")[0].strip())
+            seen = True
+        elif seen and line.strip():
+            break
+    return block
+
+
+def test_the_daemontools_steps_install_and_uninstall_as_written(db, cache, tmp_path):
+    """contrib/README.md's install lines under a real svscan, then its uninstall lines."""
+    require(shutil.which("svscan"), "daemontools", "apt-get install daemontools")
+    src, services = tmp_path / "service-src", tmp_path / "service"
+    services.mkdir()
+    paths = {"/var/service-src": str(src), "/etc/service": str(services)}
+
+    def run(line):
+        for example, real in paths.items():
+            line = line.replace(example, real)
+        subprocess.run(["sh", "-c", line], cwd=HERE, check=True, capture_output=True)
+
+    scan = subprocess.Popen(["svscan", str(services)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        install = readme_block("Install (Debian")
+        assert install[0].startswith("mkdir") and install[3].startswith("vi ")
+        for line in install[:3]:
+            run(line)
+        env = src / "listen-clear-cache" / "env"        # what `vi` would do
+        for name, value in (("CLEAR_CACHE_DSN", db), ("CLEAR_CACHE_DIR", str(cache)),
+                            ("LCC_HOME", str(HERE)), ("LCC_ACCOUNT", ""),
+                            ("CLEAR_CACHE_PAGES", "")):
+            (env / name).write_text(value + "\n")
+        assert oct((env / "CLEAR_CACHE_DSN").stat().st_mode)[-3:] == "600"
+        run(install[4])                                  # the link: svscan starts it
+        service = services / "listen-clear-cache"
+        wait_for(lambda: up_pid(service), timeout=20, what="svscan to start the service")
+        add_ports(db, "www/a")
+        page = make_page(cache, "www/a")
+        touch_port(db, "www/a")
+        wait_for(lambda: not page.exists(), what="the installed service to clear a change")
+        daemon = up_pid(service)
+
+        uninstall = readme_block("Uninstall, in this order")
+        assert uninstall[0].startswith("rm /etc/service/") and "svc -dx" in uninstall[1]
+        for line in uninstall:
+            run(line)
+        wait_for(lambda: not Path("/proc/%d" % daemon).exists(), what="the daemon to stop")
+        time.sleep(6)       # longer than svscan's 5 s: it must not start it again
+        assert supervising(src) == [], "svscan started it again"
+        assert not src.exists()
+    finally:
+        os.killpg(scan.pid, signal.SIGTERM)
+        scan.wait(timeout=20)
+        for s in (src / "listen-clear-cache", src / "listen-clear-cache" / "log"):
+            subprocess.run(["svc", "-dx", str(s)], capture_output=True)
