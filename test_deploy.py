@@ -425,7 +425,7 @@ def test_the_daemontools_steps_install_and_uninstall_as_written(db, cache, tmp_p
         wait_for(lambda: not Path("/proc/%d" % daemon).exists(), what="the daemon to stop")
         time.sleep(6)       # longer than svscan's 5 s: it must not start it again
         assert supervising(src) == [], "svscan started it again"
-        assert not src.exists()
+        assert not (src / "listen-clear-cache").exists()
     finally:
         os.killpg(scan.pid, signal.SIGTERM)
         scan.wait(timeout=20)
