@@ -392,3 +392,26 @@ def test_check_covers_every_queue(queues, cache, tmp_path, daemon):
                              config], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result      # no listener, and 100 s old
     assert re.match(r"CLEAR_CACHE CRITICAL - 1 row due, oldest due 1\d\d s", result.stdout)
+
+
+def test_the_daemon_hands_its_clearers_the_configuration_it_read(queues, cache, daemon,
+                                                                 tmp_path):
+    config = write_config(tmp_path, "[q_dates]\npages = d/{day}.html\n")
+    d = daemon(cache, "--config", config, "--heartbeat", "600", "--again-after", "0")
+    d.wait_ready()
+    with open(config, "w") as f:        # edited after the start: it waits for a restart
+        f.write("[q_dates]\npages = e/{day}.html\n")
+    read, edited = make_page(cache, "d", "2026-11-30.html"), make_page(cache, "e", "2026-11-30.html")
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
+    wait_for(lambda: not read.exists(), what="the page the configuration read names")
+    d.wait_idle()
+    assert edited.exists()
+
+
+def test_braces_are_written_twice(queues, cache, tmp_path):
+    config = write_config(tmp_path, "[q_dates]\npages = d/{{{day:%Y}}}.html\n")
+    page = make_page(cache, "d", "{2026}.html")
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
+    result = clear("--config", config, dsn=queues, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists()
