@@ -768,7 +768,8 @@ def wait_for_word(config, give_up):
                 target = template.expand(dict.fromkeys(queue.placeholders(), "x"))
             except ConfigError:
                 continue    # a spec the stand-in value does not fit: the run will tell
-            fnmatch.fnmatchcase("", target[2] if target and target[2] != DIRECTORY else "")
+            if target and target[2] not in (None, DIRECTORY):
+                fnmatch.fnmatchcase("", target[2])
     if not os.read(sys.stdin.fileno(), 1):
         return False, None
     give_up.arm()
