@@ -211,16 +211,14 @@ def check_queue(args):
         conn = connect(config.dsn, connect_timeout=10)
         try:
             with conn.cursor() as cur:
-                # Without a consumer: every registered one, or '' while none is.
-                consumers = [config.consumer]
-                if not config.consumer:
+                consumers, unregistered = [config.consumer], False
+                if config.consumer:
+                    cur.execute("SELECT " + UNREGISTERED, {"c": config.consumer})
+                    unregistered = cur.fetchone()[0]
+                else:   # every registered consumer, or '' while none is
                     cur.execute(REGISTERED)
                     consumers = [name for name, in cur] or [""]
-                cur.execute("SELECT " + UNREGISTERED, {"c": config.consumer})
-                unregistered = bool(config.consumer) and cur.fetchone()[0]
-                queues = " UNION ALL ".join("SELECT consumer, due_at FROM " + q.table
-                                            for q in config.queues)
-                cur.execute(CHECK_QUERY.format(queues=queues),
+                cur.execute(CHECK_QUERY.format(queues=config.union()),
                             [consumers, [daemon_name(c) for c in consumers]])
                 rows = cur.fetchall()
         finally:
@@ -296,6 +294,11 @@ class Config:
         else:
             env["CLEAR_CACHE_PAGES"] = " ".join(t.text for t in self.queues[0].templates)
         return env
+
+    def union(self):
+        """SQL for the (consumer, due_at) of every queue's rows."""
+        return " UNION ALL ".join("SELECT consumer, due_at FROM " + queue.table
+                                  for queue in self.queues)
 
     def queue(self, table):
         """The configuration's queue of that table, by index."""
@@ -487,9 +490,9 @@ def read_queues(name, text):
 
 
 def by_hand(config, table, arguments):
-    """(targets, commands) of a clear by hand: CATEGORY/PORT, or --queue's NAME=VALUE."""
+    """(items, targets, commands) of a clear by hand: CATEGORY/PORT, or --queue's NAME=VALUE."""
     index, queue = config.queue(table or DEFAULT_QUEUE)
-    items = {}
+    items, targets, commands = [], {}, {}
     for arg in arguments if table is None else [arguments]:
         if table is None:
             category, _, port = arg.partition("/")
@@ -499,18 +502,28 @@ def by_hand(config, table, arguments):
             missing = queue.placeholders() - set(values)
             if missing:
                 raise ConfigError("--queue %s: give %s=VALUE too" % (table, sorted(missing)[0]))
-        targets, argv = queue.targets(values), queue.argv(values)
-        if targets is None or argv is None:
+        item = index, tuple(sorted(values.items()))
+        if not file_item(targets, commands, item, queue, values):
             raise ConfigError("not %s the templates of %s can use: %r" % (
                 "a CATEGORY/PORT" if table is None else "values", queue.table,
                 arg if table is None else " ".join(arg)))
-        items[index, tuple(sorted(values.items()))] = targets, argv
-    targets = {}
-    for item, (found, _) in items.items():
-        for target in found:
-            targets.setdefault(target, []).append(item)
-    return (list(items), targets,
-            {item: (argv, queue.timeout) for item, (_, argv) in items.items() if argv})
+        items.append(item)
+    return items, targets, commands
+
+
+def file_item(targets, commands, item, queue, values):
+    """File what item's values name: {target: the items naming it}, {item: (argv, timeout)}.
+
+    False, filing nothing, if a value cannot be used.
+    """
+    found, argv = queue.targets(values), queue.argv(values)
+    if found is None or argv is None:
+        return False
+    for target in found:
+        targets.setdefault(target, []).append(item)
+    if argv:
+        commands[item] = argv, queue.timeout
+    return True
 
 
 def value_argument(arg):
@@ -916,22 +929,16 @@ def clear_snapshot(cur, clearer, config, answered):
         queue = config.queues[row[0]]
         item = row[0], row[2 + queue.slot:2 + queue.slot + len(queue.keys)]
         changed[item] = changed.get(item, False) or not row[1]
-    targets, commands = {}, {}  # {target: the items naming it}, {item: (argv, timeout)}
+    targets, commands = {}, {}
     for item in list(changed):
         queue = config.queues[item[0]]
         values = dict(zip((name for name, _ in queue.keys), item[1]))
-        found, argv = queue.targets(values), queue.argv(values)
-        if found is None or argv is None:
+        if not file_item(targets, commands, item, queue, values):
             # It can never name a cache entry, so it goes with the batch.
             log.warning("%s: invalid name %s, %s", queue.table, ", ".join(
                 "%s=%r" % kv for kv in values.items()), "would be deleted" if clearer.dry_run
                 else "deleted unused")
             del changed[item]
-            continue
-        for target in found:
-            targets.setdefault(target, []).append(item)
-        if argv:
-            commands[item] = argv, queue.timeout
     if clearer.dry_run:
         failed = clearer.clear(changed, targets, commands)
         cur.execute("ROLLBACK")
@@ -959,9 +966,10 @@ def update_queues(conn, changed, config, failed=()):
     fail; with them it goes back to that savepoint first.
     """
     params, failed = {"c": config.consumer}, set(failed)
+    # The savepoint goes with the first DELETE: one round trip less.
+    savepoint = ("ROLLBACK TO SAVEPOINT snapshot_read; " if failed
+                 else "SAVEPOINT snapshot_read; ")
     with conn.cursor() as cur:
-        cur.execute("ROLLBACK TO SAVEPOINT snapshot_read" if failed
-                    else "SAVEPOINT snapshot_read")
         rows = 0
         for index, queue in enumerate(config.queues):
             kept = [keys for i, keys in failed if i == index]
@@ -972,7 +980,8 @@ def update_queues(conn, changed, config, failed=()):
                 delete += " AND NOT EXISTS (SELECT FROM %s WHERE %s)" % (
                     unnest(queue), " AND ".join("f.k%d = q.%s" % (i, quote_ident(name))
                                                 for i, (name, _) in enumerate(queue.keys)))
-            cur.execute(delete, dict(params, **columns(kept, queue)))
+            cur.execute(savepoint + delete, dict(params, **columns(kept, queue)))
+            savepoint = ""
             rows += cur.rowcount
             # A render that read the database before the change committed may
             # write its page after we delete it: clear once more, later.
@@ -988,6 +997,8 @@ def update_queues(conn, changed, config, failed=()):
                                     len(queue.keys))), unnest(queue) if queue.keys
                                 else "(SELECT) AS f"),
                             dict(params, delay=delay, **columns(again, queue)))
+        if savepoint:
+            cur.execute(savepoint)      # no DELETE ran (only keyless queues failed)
     return rows
 
 

@@ -47,7 +47,7 @@ LATER = "later"         # the payload of a notification about rows due later onl
 # Seconds until this consumer's earliest row in any queue falls due (<= 0:
 # due now; NULL: none), and whether nothing can be queued for it.
 LOOK_QUERY = ("SELECT (SELECT EXTRACT(epoch FROM min(due_at) - now())::float8 FROM ({queues})"
-              " AS q), " + clear_cache.UNREGISTERED)
+              " AS q WHERE consumer = %(c)s), " + clear_cache.UNREGISTERED)
 DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
 LOCK_NOT_AVAILABLE = "55P03"
@@ -243,9 +243,7 @@ class Daemon:
         self.outage = Calm()            # the connection's troubles
         self.unregistered = Calm()      # nothing can be queued for this consumer
         self.misconfigured = Calm()     # a queue of the configuration file is not as it says
-        self.look_sql = LOOK_QUERY.format(queues=" UNION ALL ".join(
-            "SELECT min(due_at) AS due_at FROM %s WHERE consumer = %%(c)s" % q.table
-            for q in config.queues))
+        self.look_sql = LOOK_QUERY.format(queues=config.union())
         self.unannounced = Calm(UNANNOUNCED_EVERY, logging.WARNING, after=2)
         self.look_at = NEVER            # the next look at the queue, while no run is wanted
         self.run_at = NEVER             # the wanted run's start; NEVER: none wanted
