@@ -180,26 +180,41 @@ def latencies(db, cache, category, start, floors, warm):
     try:
         daemon.wait_ready()
         idle = idle_cost(db, daemon) if warm else None
-        conn = psycopg2.connect(db)
-        latencies = []
-        pacing = random.Random(LATENCY_CHANGES)     # the same spacing for every variant
-        for i in range(LATENCY_CHANGES):
-            # The floor is sampled between changes, so that all see the same machine.
-            paced = time.perf_counter() + pacing.uniform(*LATENCY_SPACING)
-            floors.append(spawn_floor(db))
-            time.sleep(max(0.0, paced - time.perf_counter()))  # pacing, not synchronisation
-            page = make_page(cache, "%s/p%d" % (category, i))
-            with conn, conn.cursor() as cur:
-                cur.execute("UPDATE ports SET version = 'x' WHERE category = %s"
-                            " AND name = %s", (category, "p%d" % i))
-            committed = time.perf_counter()
-            while page.exists():
-                time.sleep(0.0002)
-            latencies.append((time.perf_counter() - committed) * 1000)
-        conn.close()
+
+        def change(i, cur):
+            cur.execute("UPDATE ports SET version = 'x' WHERE category = %s AND name = %s",
+                        (category, "p%d" % i))
+            return make_page(cache, "%s/p%d" % (category, i))
+        # The floor is sampled between changes, so that all see the same machine.
+        latencies = time_changes(db, change, lambda: floors.append(spawn_floor(db)))
     finally:
         daemon.kill()
     return latencies, idle
+
+
+def time_changes(dsn, change, meanwhile=lambda: None):
+    """Milliseconds from COMMIT to page gone for isolated changes, spaced at random.
+
+    change(i, cur) makes the i-th change's page and its change, in one
+    transaction, and returns the page; meanwhile() runs in each pause.
+    """
+    conn = psycopg2.connect(dsn)
+    pacing = random.Random(LATENCY_CHANGES)     # the same spacing for every variant
+    samples = []
+    try:
+        for i in range(LATENCY_CHANGES):
+            paced = time.perf_counter() + pacing.uniform(*LATENCY_SPACING)
+            meanwhile()
+            time.sleep(max(0.0, paced - time.perf_counter()))  # pacing, not synchronisation
+            with conn, conn.cursor() as cur:
+                page = change(i, cur)
+            committed = time.perf_counter()
+            while page.exists():
+                time.sleep(0.0002)
+            samples.append((time.perf_counter() - committed) * 1000)
+    finally:
+        conn.close()
+    return samples
 
 
 def idle_cost(db, daemon):
@@ -446,20 +461,12 @@ def measure_freshports(db, work):
         daemon = Daemon(work, fp, cache, "--config", str(config))
         try:
             daemon.wait_ready()
-            conn = psycopg2.connect(fp)
-            pacing = random.Random(LATENCY_CHANGES)
-            samples = []
-            for i in range(LATENCY_CHANGES):
-                time.sleep(pacing.uniform(*LATENCY_SPACING))
-                page = make_page(cache, "ports/c0/p%d" % (i + 1), "Detail.html")
-                with conn, conn.cursor() as cur:
-                    cur.execute("UPDATE ports SET version = 'x' WHERE element_id ="
-                                " (SELECT id FROM element WHERE name = %s)", ("p%d" % (i + 1),))
-                committed = time.perf_counter()
-                while page.exists():
-                    time.sleep(0.0002)
-                samples.append((time.perf_counter() - committed) * 1000)
-            conn.close()
+
+            def change(i, cur):
+                cur.execute("UPDATE ports SET version = 'x' WHERE element_id ="
+                            " (SELECT id FROM element WHERE name = %s)", ("p%d" % (i + 1),))
+                return make_page(cache, "ports/c0/p%d" % (i + 1), "Detail.html")
+            samples = time_changes(fp, change)
         finally:
             daemon.kill()
         wall, rss = clear_freshports_backlog(fp, work / "fp-backlog", config)
