@@ -6,17 +6,24 @@
 #   make venv PYTHON=/usr/bin/python3     the .venv the recipes use, from that interpreter
 #   make test PYTHON=python3.9 VENV=.venv-3.9    the suite under another one, in its own venv
 #   make test ARGS='-k template'          a slice of the suite (pytest's options)
+#   make test PG=embedded                 against the checkout's own PostgreSQL 18 in .pg/
 
 PYTHON ?= python3
 PSQL ?= psql
 VENV ?= .venv
 CACHE_DIR ?= cache
 ARGS ?=
+PG ?=
 PY = $(VENV)/bin/python
+# Every target that needs the database runs its command through pg.py: the
+# server libpq's defaults name, else (or with PG=embedded) the checkout's own
+# in .pg/, started on first use and said in one line.  A server that does not
+# answer where a PG* variable points, or refuses, is one line.
+WITH_PG = $(PY) contrib/make/pg.py --pg "$(PG)"
 # make test creates its scratch database as libpq's default role, else as postgres.
 TEST_ROLES = "" "user=postgres"
 
-.PHONY: test run demo flush bench reliability venv pg-answers pg-answers-test
+.PHONY: test run demo flush bench reliability venv pg-stop clean
 
 venv: $(VENV)/.installed
 
@@ -30,42 +37,34 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-# Every target that needs the database says so in one line when none
-# answers, or when the one that answers refuses (an unknown role, say).
-pg-answers: venv
-	@$(PY) contrib/make/pg-answers.py ""
+test: $(VENV)/.dev-installed
+	@$(WITH_PG) --roles $(TEST_ROLES) -- $(PY) -m pytest -q $(ARGS)
 
-pg-answers-test: venv
-	@$(PY) contrib/make/pg-answers.py $(TEST_ROLES)
+run: venv
+	@$(WITH_PG) -- sh contrib/make/run.sh $(PY) $(PSQL) $(CACHE_DIR)
 
-test: pg-answers-test $(VENV)/.dev-installed
-	$(PY) -m pytest -q $(ARGS)
-
-# The commands it prints make the page only once the INSERT's own clear and
-# re-clear are done (the text says to wait), and list it again after a pause:
-# an `ls` right after psql can beat the daemon's few ms.
-run: pg-answers
-	$(PSQL) -q -v ON_ERROR_STOP=1 -f schema.sql
+flush: venv
 	mkdir -p $(CACHE_DIR)
-	@echo "To see it work, in another terminal: make a port (its pages are cleared now and again 5 s later, as for any change),"
-	@echo "  psql -c \"INSERT INTO ports (category, name, version) VALUES ('www', 'nginx', '1')\""
-	@echo "then, after those 5 s, cache its page, change the port and see the page go:"
-	@echo "  mkdir -p $(CACHE_DIR)/www/nginx; echo page > $(CACHE_DIR)/www/nginx/index.html; ls $(CACHE_DIR)/www/nginx; psql -c \"UPDATE ports SET version = '2' WHERE category = 'www' AND name = 'nginx'\"; sleep 1; ls $(CACHE_DIR)/www/nginx"
-	$(PY) listen_clear_cache.py --cache-dir $(CACHE_DIR)
+	@$(WITH_PG) -- $(PY) clear_cache.py --cache-dir $(CACHE_DIR)
 
-flush: pg-answers
-	mkdir -p $(CACHE_DIR)
-	$(PY) clear_cache.py --cache-dir $(CACHE_DIR)
+bench: $(VENV)/.dev-installed
+	@$(WITH_PG) --roles $(TEST_ROLES) -- $(PY) bench.py
 
-bench: pg-answers-test $(VENV)/.dev-installed
-	$(PY) bench.py
-
-reliability: pg-answers-test $(VENV)/.dev-installed
+reliability: $(VENV)/.dev-installed
 	rm -f reliability.json
-	$(PY) -m pytest -q -m reliability $(ARGS)
+	@$(WITH_PG) --roles $(TEST_ROLES) -- $(PY) -m pytest -q -m reliability $(ARGS)
 	$(PY) -c "import conftest; conftest.print_reliability_table()"
 
 # The demo uses the database `make run` uses, a temporary cache directory,
 # and a port named demo/hello, which it removes again with its queue rows.
-demo: pg-answers
-	@bash contrib/make/demo.sh $(PY) $(PSQL)
+demo: venv
+	@$(WITH_PG) -- bash contrib/make/demo.sh $(PY) $(PSQL)
+
+# Stops the checkout's own PostgreSQL; its data stays in .pg/ for the next command.
+pg-stop:
+	@$(PYTHON) contrib/make/pg.py --stop
+
+# Removes what the targets made, the checkout's PostgreSQL with its data
+# included (stopped first); the venvs stay: rm -rf .venv .venv-* for those.
+clean: pg-stop
+	rm -rf .pg dist build *.egg-info reliability.json .pytest_cache .hypothesis __pycache__

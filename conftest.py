@@ -7,10 +7,12 @@ and drops it at the end.  Without a reachable PostgreSQL it fails; it never
 skips.  Every wait is a poll with a deadline.
 """
 
+import importlib.util
 import json
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,9 +29,13 @@ CLEAR = str(HERE / "clear_cache.py")
 LISTEN = str(HERE / "listen_clear_cache.py")
 SCHEMA = str(HERE / "schema.sql")
 ADMIN_DSNS = [os.environ.get("TEST_ADMIN_DSN", "dbname=postgres"),
-              "dbname=postgres user=postgres",
-              "host=/var/run/postgresql dbname=postgres user=postgres"]
+              "dbname=postgres user=postgres"]
 PAGE = "Detail.Part1.head.PageSize100.PageNum1.html"
+# make's helper for the checkout's own PostgreSQL: where its binaries are, and
+# whom a server belongs to when we are root.
+_spec = importlib.util.spec_from_file_location("make_pg", HERE / "contrib" / "make" / "pg.py")
+make_pg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_pg)
 CI = os.environ.get("CI") == "true"     # .ci/run sets it: there, every test must run
 
 
@@ -38,7 +44,10 @@ CI = os.environ.get("CI") == "true"     # .ci/run sets it: there, every test mus
 def require(available, what, how):
     """Skip a test that needs a missing system tool, saying so; under CI=true, fail it."""
     if not available:
-        (pytest.fail if CI else pytest.skip)("%s is missing: %s" % (what, how), pytrace=False)
+        message = "%s is missing: %s" % (what, how)
+        if CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
 
 
 def wait_for(predicate, timeout=15.0, what="condition"):
@@ -265,11 +274,25 @@ def clearer_children(pid):
     return found
 
 
-class Proxy:
-    """A TCP proxy to PostgreSQL that can freeze: sockets stay open, nothing moves."""
+def server_location(dsn):
+    """The host (or socket directory) and port at which dsn reached its server."""
+    conn = psycopg2.connect(dsn)
+    try:
+        return conn.info.host, conn.info.port
+    finally:
+        conn.close()
 
-    def __init__(self, upstream_port=5432, port=0):
-        self.upstream = ("127.0.0.1", upstream_port)
+
+class Proxy:
+    """A TCP proxy to dsn's PostgreSQL that can freeze: sockets stay open, nothing moves."""
+
+    def __init__(self, dsn, port=0):
+        host, server_port = server_location(dsn)
+        if host.startswith("/"):
+            self.upstream = socket.AF_UNIX, "%s/.s.PGSQL.%d" % (host, server_port)
+        else:
+            self.upstream = (socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             (host, server_port))
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.links = []                 # [client, server, frozen directions]
@@ -282,7 +305,8 @@ class Proxy:
         while not self.closed:
             try:
                 client, _ = self.listener.accept()
-                server = socket.create_connection(self.upstream)
+                server = socket.socket(self.upstream[0])
+                server.connect(self.upstream[1])
             except OSError:
                 continue
             link = [client, server, {"up", "down"} if self.stall_new else set()]
@@ -323,6 +347,29 @@ class Proxy:
             self.cut(link)
 
 
+def server_bindir(dsn):
+    """Where initdb, pg_ctl and pg_basebackup of the server under test's major version are."""
+    major = int(sql(dsn, "SHOW server_version_num")[0][0]) // 10000
+    found = [shutil.which(p) for p in ("pg_ctl", "pg_config")]
+    for bindir in [str(make_pg.BINDIR), "/usr/lib/postgresql/%d/bin" % major] + [
+            os.path.dirname(os.path.realpath(p)) for p in found if p]:
+        try:
+            version = subprocess.run([os.path.join(bindir, "postgres"), "--version"],
+                                     capture_output=True, text=True).stdout
+        except OSError:
+            continue
+        if re.search(r"\(PostgreSQL\) %d\b" % major, version):
+            return bindir
+    require(False, "PostgreSQL %d's initdb, pg_ctl and pg_basebackup" % major,
+            "install the server's own binaries, or test against the checkout's (PG=embedded)")
+
+
+def as_server_account():
+    """The argv prefix that runs a server program: nothing, or as root, runuser to its account."""
+    account = make_pg.server_account()
+    return ["runuser", "-u", account.pw_name, "--"] if account else []
+
+
 def make_undeletable(path):
     """Make unlinking path fail, as root (immutable flag) or not (read-only directory)."""
     if os.geteuid() == 0:
@@ -345,7 +392,9 @@ def find_admin_dsn():
             errors.append("%r: %s" % (dsn, " ".join(str(e).split())))
             continue
         if rows and rows[0][0]:
-            return dsn
+            # Named in full, so that a child with another environment reaches the same server.
+            host, port = server_location(dsn)
+            return psycopg2.extensions.make_dsn(dsn, host=host, port=port)
         errors.append("%r: role may not create databases" % dsn)
     raise RuntimeError("no PostgreSQL reachable (set PGHOST/PGPORT/PGUSER or"
                        " TEST_ADMIN_DSN): " + "; ".join(errors))
@@ -442,9 +491,9 @@ def daemon(tmp_path, db):
 
 
 @pytest.fixture
-def proxy():
-    """A freezable TCP proxy in front of the local PostgreSQL."""
-    p = Proxy()
+def proxy(database):
+    """A freezable TCP proxy in front of the PostgreSQL under test."""
+    p = Proxy(database)
     yield p
     p.close()
 

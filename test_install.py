@@ -140,13 +140,15 @@ def test_make_venv_with_python_builds_the_venv_the_recipes_use(tmp_path):
     assert not list(clone.glob(".venv-*"))
 
 
+PG_HELPER = [sys.executable, str(HERE / "contrib" / "make" / "pg.py")]
+
+
 def test_make_tests_check_reaches_the_postgres_role(db):
     env = dict(libpq_env(db), PGUSER="no_such_role_lcc")
-    result = subprocess.run([sys.executable, str(HERE / "contrib" / "make" / "pg-answers.py"),
-                             "", "user=postgres"], env=env, capture_output=True, text=True)
+    result = subprocess.run(PG_HELPER + ["--roles", "", "user=postgres", "--", "true"],
+                            env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    result = subprocess.run([sys.executable, str(HERE / "contrib" / "make" / "pg-answers.py"),
-                             ""], env=env, capture_output=True, text=True)
+    result = subprocess.run(PG_HELPER + ["--", "true"], env=env, capture_output=True, text=True)
     assert result.returncode == 1 and "PostgreSQL refused us" in result.stderr
     assert len(result.stderr.splitlines()) == 1
 

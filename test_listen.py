@@ -166,7 +166,7 @@ def test_daemon_retries_the_first_connection_forever(db, cache, daemon):
     delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", d.log())]
     assert delays[0] < 1 and delays[2] > delays[0], "backoff must grow"
     assert d.proc.poll() is None
-    p = Proxy(port=port)
+    p = Proxy(db, port=port)
     try:
         wait_for(lambda: not page.exists(), timeout=30, what="the catch-up after connecting")
         d.wait_log("listening")

@@ -1,6 +1,5 @@
 """The reliability campaign (make reliability): faults provoked for real."""
 
-import glob
 import os
 import random
 import re
@@ -18,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from clear_cache import valid_port
-from conftest import (waiting_clearer, warm_backends, add_ports, assert_one_line_error, clear, clearer_children, drop_database,
-                     free_port, load_schema, make_page, queued, reliability, require, sql,
-                     tcp_dsn, touch_port, tree, wait_for)
+from conftest import (waiting_clearer, warm_backends, add_ports, as_server_account,
+                     assert_one_line_error, clear, clearer_children, drop_database, free_port,
+                     load_schema, make_page, queued, reliability, require, server_bindir,
+                     server_location, sql, tcp_dsn, touch_port, tree, wait_for)
 
 
 # ------------------------------------------- reliability (make reliability)
@@ -168,29 +168,18 @@ def test_no_lost_invalidation_under_load(db, cache, daemon, figures, kill_cleare
             len(kept), len(flushes), ", %d clearers killed" % len(kills) if kills else "")}
 
 
-def postgres_bindir():
-    """Where initdb and pg_ctl are."""
-    found = shutil.which("pg_ctl")
-    if found:
-        return os.path.dirname(os.path.realpath(found))
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    require(found, "PostgreSQL's initdb and pg_ctl", "apt-get install postgresql")
-    return found[-1]
-
-
 class Cluster:
     """A private PostgreSQL cluster in a temporary directory, on a spare port."""
 
-    def __init__(self):
-        # Not below pytest's tmp_path: the postgres account could not reach it.
+    def __init__(self, bindir):
+        # Not below pytest's tmp_path: the server's account could not reach it.
         self.root = root = Path(tempfile.mkdtemp(prefix="lcc-cluster-"))
         self.dir = root / "pgdata"
         self.port = free_port()
-        self.bindir = postgres_bindir()
-        self.as_owner = []
-        if os.geteuid() == 0:   # PostgreSQL refuses to run as root
-            shutil.chown(root, "postgres")
-            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self.bindir = bindir
+        self.as_owner = as_server_account()     # PostgreSQL refuses to run as root
+        if self.as_owner:
+            shutil.chown(root, self.as_owner[2])
         self.pg("initdb", "-A", "trust", "-U", "postgres", "-D", str(self.dir), "--no-sync")
         self.pg_ctl("start", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
                     % (self.port, root))
@@ -221,9 +210,9 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster():
-    """A private PostgreSQL that the test may restart."""
-    c = Cluster()
+def cluster(admin_dsn):
+    """A private PostgreSQL of the server under test's version, which the test may restart."""
+    c = Cluster(server_bindir(admin_dsn))
     yield c
     c.stop()
 
@@ -268,7 +257,7 @@ class Standby(Cluster):
         self.bindir = primary.bindir
         self.as_owner = primary.as_owner
         if self.as_owner:
-            shutil.chown(root, "postgres")
+            shutil.chown(root, self.as_owner[2])
         self.pg("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
                 "-D", str(self.dir), "-R", "-X", "stream", "-c", "fast")
         self.pg_ctl("start", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
@@ -336,16 +325,15 @@ class Bouncer:
         self.dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
         (root / "userlist.txt").write_text('"%s" ""\n' % user)
         (root / "pgbouncer.ini").write_text(
-            "[databases]\n* = host=127.0.0.1 port=5432\n[pgbouncer]\n"
+            "[databases]\n* = host=%s port=%d\n[pgbouncer]\n"
             "listen_addr = 127.0.0.1\nlisten_port = %d\nunix_socket_dir =\n"
             "auth_type = trust\nauth_file = %s/userlist.txt\npool_mode = %s\n"
             "admin_users = %s\nlogfile = %s/pgbouncer.log\n"
-            % (self.port, root, mode, user, root))
-        self.as_owner = []
-        if os.geteuid() == 0:   # PgBouncer refuses to run as root
+            % (server_location(dsn) + (self.port, root, mode, user, root)))
+        self.as_owner = as_server_account()     # PgBouncer refuses to run as root
+        if self.as_owner:
             for path in (root, root / "userlist.txt", root / "pgbouncer.ini"):
-                shutil.chown(path, "postgres")
-            self.as_owner = ["runuser", "-u", "postgres", "--"]
+                shutil.chown(path, self.as_owner[2])
         self.dsn = "host=127.0.0.1 port=%d user=%s dbname=%s" % (self.port, user, self.dbname)
         self.admin = "host=127.0.0.1 port=%d user=%s dbname=pgbouncer" % (self.port, user)
         self.start()
