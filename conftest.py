@@ -157,6 +157,23 @@ def libpq_env(dsn):
     return env
 
 
+def typed(env):
+    """env as a user's shell would hold it: nothing of the make that runs this suite."""
+    return {k: v for k, v in env.items() if not k.startswith(("MAKE", "MFLAGS", ".MAKE"))
+            and k not in ("VENV", "PYTHON", "ARGS", "PG")}
+
+
+def copy_checkout(dest):
+    """Copy what git would ship, as it stands in the working tree, to dest."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=HERE,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (HERE / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(HERE / name, dest / name)
+    return dest
+
+
 def assert_one_line_error(result, code):
     """The process failed with the given code, one line on stderr, no traceback."""
     assert result.returncode == code, result.stderr

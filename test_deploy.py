@@ -18,7 +18,7 @@ import pytest
 
 from conftest import (CLEAR, GRANTS, HERE, add_ports, all_queued, backends, free_port,
                      libpq_env, make_page, queue_quietly, queued, require, sql, touch_port,
-                     wait_for)
+                     typed, wait_for)
 
 
 # ------------------------------------------------- deployment recipes (contrib/)
@@ -26,7 +26,7 @@ from conftest import (CLEAR, GRANTS, HERE, add_ports, all_queued, backends, free
 def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
     """Run as printed, the second after the re-clear: page listed, then the UPDATE clears it."""
     cache, out, err = tmp_path / "cache", tmp_path / "out", tmp_path / "err"
-    env = libpq_env(db)
+    env = typed(libpq_env(db))
     venv = Path(sys.executable).parent.parent       # the one this suite runs in
     with out.open("w") as stdout, err.open("w") as stderr:
         make = subprocess.Popen(["make", "-s", "run", "CACHE_DIR=%s" % cache,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CLEAR, HERE, LISTEN, add_ports, libpq_env, make_page, require, sql,
-                      touch_port, wait_for)
+from conftest import (CLEAR, HERE, LISTEN, add_ports, copy_checkout, libpq_env, make_page,
+                      require, sql, touch_port, typed, wait_for)
 
 
 def test_both_scripts_say_one_version():
@@ -41,13 +41,7 @@ def built(tmp_path_factory):
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + BUILD_BACKEND, check=True)
     # From a copy of what git would ship, so that the build leaves the checkout alone.
-    src, dist = root / "src", root / "dist"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=HERE,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (HERE / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(HERE / name, src / name)
+    src, dist = copy_checkout(root / "src"), root / "dist"
     built = {}
     for kind in ("wheel", "sdist"):
         made = subprocess.run([python, "-c", "import setuptools.build_meta as b, sys;"
@@ -131,10 +125,8 @@ def test_make_venv_with_python_builds_the_venv_the_recipes_use(tmp_path):
     for copied in ("Makefile", "requirements.txt"):     # the working tree's, committed or not
         shutil.copy(HERE / copied, clone / copied)
     # As a user would type it: nothing of the make that runs this suite passed on.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS", ".MAKE"))
-           and k not in ("VENV", "PYTHON", "ARGS")}
     result = subprocess.run([bsd_make(), "venv", "PYTHON=" + sys.executable], cwd=clone,
-                            capture_output=True, text=True, env=env)
+                            capture_output=True, text=True, env=typed(os.environ))
     assert result.returncode == 0, result.stderr
     assert (clone / ".venv" / "bin" / "python").exists()
     assert not list(clone.glob(".venv-*"))
@@ -156,7 +148,8 @@ def test_make_tests_check_reaches_the_postgres_role(db):
 def test_make_demo_shows_a_page_go_and_leaves_nothing_behind(db):
     venv = Path(sys.executable).parent.parent
     result = subprocess.run(["make", "-s", "demo", "VENV=%s" % venv], cwd=HERE,
-                            env=libpq_env(db), capture_output=True, text=True, timeout=120)
+                            env=typed(libpq_env(db)), capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4. the page is gone" in result.stdout and "demo done" in result.stdout
     assert sql(db, "SELECT count(*) FROM ports_cache_clearing WHERE category = 'demo'") == [(0,)]

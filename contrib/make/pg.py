@@ -70,7 +70,8 @@ def as_server(argv, **kwargs):
 
 def give_to_server(path, mode):
     """Create path if need be, owned by the cluster's owner."""
-    path.mkdir(mode=mode, exist_ok=True)
+    path.mkdir(exist_ok=True)
+    path.chmod(mode)
     account = server_account()
     if account:
         os.chown(path, account.pw_uid, account.pw_gid)
@@ -147,18 +148,22 @@ def start_server():
     return "started"
 
 
-def create_database(user):
-    """The database named after the user, as libpq's defaults expect; the server's version."""
+def create_defaults(user):
+    """The database named after the user, as libpq's defaults expect, and the superuser
+    postgres, as a system server has; the server's version."""
     import psycopg2
     from psycopg2 import sql
     conn = psycopg2.connect(host=str(RUN), port=PORT, user=user, dbname="postgres")
     conn.autocommit = True
     cur = conn.cursor()
     cur.execute("SELECT current_setting('server_version'),"
-                " EXISTS (SELECT FROM pg_database WHERE datname = current_user)")
-    version, exists = cur.fetchone()
-    if not exists:
+                " EXISTS (SELECT FROM pg_database WHERE datname = current_user),"
+                " EXISTS (SELECT FROM pg_roles WHERE rolname = 'postgres')")
+    version, database, postgres = cur.fetchone()
+    if not database:
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(user)))
+    if not postgres:
+        cur.execute("CREATE ROLE postgres SUPERUSER LOGIN")
     conn.close()
     return version
 
@@ -173,7 +178,7 @@ def embedded(reason):
         check_reachable()
         init_cluster(user)
         state = start_server()
-        version = create_database(user)
+        version = create_defaults(user)
     account = server_account()
     print("make: %s: using the checkout's own PostgreSQL %s, %s in .pg/%s (socket %s, no TCP"
           " port; make pg-stop stops it)" % (reason, version, state,
