@@ -161,6 +161,22 @@ def test_make_clean_stops_and_removes_it(checkout):
     assert (checkout / "Makefile").exists()
 
 
+def test_a_checkout_the_servers_account_cannot_reach_is_one_line(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root hands the server to another account")
+    hidden = Path(tempfile.mkdtemp(prefix="lcc-private-"))     # mode 700, root's alone
+    try:
+        result = make(copy_checkout(hidden / "checkout"), "demo", "PG=embedded")
+        assert result.returncode != 0
+        ours = [line for line in result.stderr.splitlines() if line.startswith("make: ")
+                and not line.startswith("make: ***")]
+        assert len(ours) == 1, result.stderr
+        assert "who cannot enter %s (drwx------)" % hidden in ours[0], ours
+        assert "Traceback" not in result.stderr
+    finally:
+        shutil.rmtree(hidden)
+
+
 def test_the_commands_make_run_prints_reach_the_checkouts_own(checkout):
     """make run PG=embedded, then the two printed commands in a bare shell: the page goes."""
     out, err = checkout / "run.out", checkout / "run.err"

@@ -24,6 +24,7 @@ import fcntl
 import os
 import pwd
 import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -108,14 +109,23 @@ def install_server():
 def check_reachable():
     """Say in one line when the server's account cannot run the binaries where they are."""
     try:
-        result = as_server(["postgres", "--version"], capture_output=True, text=True)
-    except PermissionError as e:
-        result = e
-    if getattr(result, "returncode", 1):
-        who = server_account().pw_name if server_account() else "you"
-        fail("the embedded PostgreSQL runs as %s, who cannot run %s (%s): give that account"
-             " search permission on the directories above the checkout, or clone it elsewhere"
-             % (who, BINDIR / "postgres", getattr(result, "stderr", "") or result))
+        if as_server(["postgres", "--version"], capture_output=True).returncode == 0:
+            return
+    except PermissionError:
+        pass
+    account = server_account()
+    groups = os.getgrouplist(account.pw_name, account.pw_gid) if account else os.getgroups()
+    uid = account.pw_uid if account else os.getuid()
+    for path in list(reversed(BINDIR.parents)) + [BINDIR]:
+        st = path.stat()
+        bit = (stat.S_IXUSR if st.st_uid == uid else
+               stat.S_IXGRP if st.st_gid in groups else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            fail("the embedded PostgreSQL runs as %s, who cannot enter %s (%s): give that"
+                 " account search permission there (chmod o+x), or clone the checkout"
+                 " elsewhere" % (account.pw_name if account else "you", path,
+                                 stat.filemode(st.st_mode)))
+    fail("%s does not run as %s" % (BINDIR / "postgres", account.pw_name if account else "you"))
 
 
 def init_cluster(user):
