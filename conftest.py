@@ -381,12 +381,6 @@ def server_bindir(dsn):
             "install the server's own binaries, or test against the checkout's (PG=embedded)")
 
 
-def as_server_account():
-    """The argv prefix that runs a server program: nothing, or as root, runuser to its account."""
-    account = make_pg.server_account()
-    return ["runuser", "-u", account.pw_name, "--"] if account else []
-
-
 def make_undeletable(path):
     """Make unlinking path fail, as root (immutable flag) or not (read-only directory)."""
     if os.geteuid() == 0:

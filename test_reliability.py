@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from clear_cache import valid_port
-from conftest import (waiting_clearer, warm_backends, add_ports, as_server_account,
-                     assert_one_line_error, clear, clearer_children, drop_database, free_port,
-                     load_schema, make_page, queued, reliability, require, server_bindir,
+from conftest import (waiting_clearer, warm_backends, add_ports, assert_one_line_error,
+                     clear, clearer_children, drop_database, free_port,
+                     load_schema, make_page, make_pg, queued, reliability, require, server_bindir,
                      server_location, sql, tcp_dsn, touch_port, tree, wait_for)
 
 
@@ -177,9 +177,9 @@ class Cluster:
         self.dir = root / "pgdata"
         self.port = free_port()
         self.bindir = bindir
-        self.as_owner = as_server_account()     # PostgreSQL refuses to run as root
+        self.as_owner = make_pg.as_account()     # PostgreSQL refuses to run as root
         if self.as_owner:
-            shutil.chown(root, self.as_owner[2])
+            os.chown(root, self.as_owner["user"], self.as_owner["group"])
         self.pg("initdb", "-A", "trust", "-U", "postgres", "-D", str(self.dir), "--no-sync")
         self.pg_ctl("start", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
                     % (self.port, root))
@@ -190,9 +190,9 @@ class Cluster:
 
     def pg(self, program, *args):
         # No pipes: the postmaster would inherit them and hold them open.
-        subprocess.run(self.as_owner + [os.path.join(self.bindir, program)] + list(args),
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=120)
+        subprocess.run([os.path.join(self.bindir, program)] + list(args), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+                       **self.as_owner)
 
     def pg_ctl(self, action, *args):
         self.pg("pg_ctl", action, "-w", "-D", str(self.dir), "-l",
@@ -257,7 +257,7 @@ class Standby(Cluster):
         self.bindir = primary.bindir
         self.as_owner = primary.as_owner
         if self.as_owner:
-            shutil.chown(root, self.as_owner[2])
+            os.chown(root, self.as_owner["user"], self.as_owner["group"])
         self.pg("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
                 "-D", str(self.dir), "-R", "-X", "stream", "-c", "fast")
         self.pg_ctl("start", "-o", "-p %d -k %s -c listen_addresses=127.0.0.1"
@@ -330,19 +330,19 @@ class Bouncer:
             "auth_type = trust\nauth_file = %s/userlist.txt\npool_mode = %s\n"
             "admin_users = %s\nlogfile = %s/pgbouncer.log\n"
             % (server_location(dsn) + (self.port, root, mode, user, root)))
-        self.as_owner = as_server_account()     # PgBouncer refuses to run as root
+        self.as_owner = make_pg.as_account()     # PgBouncer refuses to run as root
         if self.as_owner:
             for path in (root, root / "userlist.txt", root / "pgbouncer.ini"):
-                shutil.chown(path, self.as_owner[2])
+                os.chown(path, self.as_owner["user"], self.as_owner["group"])
         self.dsn = "host=127.0.0.1 port=%d user=%s dbname=%s" % (self.port, user, self.dbname)
         self.admin = "host=127.0.0.1 port=%d user=%s dbname=pgbouncer" % (self.port, user)
         self.start()
 
     def start(self):
         require(shutil.which("pgbouncer"), "PgBouncer", "apt-get install pgbouncer")
-        self.proc = subprocess.Popen(self.as_owner + ["pgbouncer", str(self.root /
-                                                                     "pgbouncer.ini")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(["pgbouncer", str(self.root / "pgbouncer.ini")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     **self.as_owner)
         wait_for(self.answers, what="PgBouncer to accept connections")
 
     def answers(self):

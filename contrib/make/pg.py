@@ -59,11 +59,15 @@ def server_account():
     fail("PostgreSQL will not run as root, and there is no postgres or nobody account to run it")
 
 
+def as_account():
+    """subprocess's arguments that run a program as the server's account (none unless root)."""
+    account = server_account()
+    return dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[]) if account else {}
+
+
 def as_server(argv, **kwargs):
     """Run one of the wheel's programs as the cluster's owner, without the caller's PG* settings."""
-    account = server_account()
-    if account:
-        kwargs.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
+    kwargs.update(as_account())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     return subprocess.run([str(BINDIR / argv[0])] + [str(a) for a in argv[1:]], env=env,
                           cwd=str(TOP), **kwargs)
