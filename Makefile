@@ -21,7 +21,7 @@ PY = $(VENV)/bin/python
 # answer where a PG* variable points, or refuses, is one line.
 WITH_PG = $(PY) contrib/make/pg.py --pg "$(PG)"
 # make test creates its scratch database as libpq's default role, else as postgres.
-TEST_ROLES = "" "user=postgres"
+WITH_TEST_PG = $(WITH_PG) --roles "" "user=postgres"
 
 .PHONY: test run demo flush bench reliability venv pg-stop clean
 
@@ -38,7 +38,7 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 	touch $@
 
 test: $(VENV)/.dev-installed
-	@$(WITH_PG) --roles $(TEST_ROLES) -- $(PY) -m pytest -q $(ARGS)
+	@$(WITH_TEST_PG) -- $(PY) -m pytest -q $(ARGS)
 
 run: venv
 	@$(WITH_PG) -- sh contrib/make/run.sh $(PY) $(PSQL) $(CACHE_DIR)
@@ -48,11 +48,11 @@ flush: venv
 	@$(WITH_PG) -- $(PY) clear_cache.py --cache-dir $(CACHE_DIR)
 
 bench: $(VENV)/.dev-installed
-	@$(WITH_PG) --roles $(TEST_ROLES) -- $(PY) bench.py
+	@$(WITH_TEST_PG) -- $(PY) bench.py
 
 reliability: $(VENV)/.dev-installed
 	rm -f reliability.json
-	@$(WITH_PG) --roles $(TEST_ROLES) -- $(PY) -m pytest -q -m reliability $(ARGS)
+	@$(WITH_TEST_PG) -- $(PY) -m pytest -q -m reliability $(ARGS)
 	$(PY) -c "import conftest; conftest.print_reliability_table()"
 
 # The demo uses the database `make run` uses, a temporary cache directory,

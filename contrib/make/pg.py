@@ -77,9 +77,9 @@ def give_to_server(path, mode):
     """Create path if need be, owned by the cluster's owner."""
     path.mkdir(exist_ok=True)
     path.chmod(mode)
-    account = server_account()
-    if account:
-        os.chown(path, account.pw_uid, account.pw_gid)
+    owner = as_account()
+    if owner:
+        os.chown(path, owner["user"], owner["group"])
 
 
 def probe(dsns):
@@ -133,15 +133,14 @@ def check_reachable():
 
 
 def init_cluster(user):
-    """initdb .pg/data on first use, with user as its superuser; True if it did."""
+    """initdb .pg/data on first use, with user as its superuser."""
     if (DATA / "PG_VERSION").exists():
-        return False
+        return
     give_to_server(DATA, 0o700)
     result = as_server(["initdb", "-D", DATA, "-U", user, "-A", "trust", "-E", "UTF8",
                         "--locale=C", "--no-instructions"], capture_output=True, text=True)
     if result.returncode:
         fail("initdb failed: %s" % " ".join(result.stderr.split()))
-    return True
 
 
 def start_server():
