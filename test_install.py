@@ -124,7 +124,7 @@ def bsd_make():
 @pytest.mark.parametrize("target", ["run", "test", "demo", "flush", "venv"])
 def test_bsd_make_reads_the_makefile(target):
     result = subprocess.run([bsd_make(), "-n", target], cwd=HERE, capture_output=True,
-                            text=True)
+                            text=True, env=typed(os.environ))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
 
