@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from clear_cache import lock_timeout
+from cache_clearing.queues import lock_timeout
 from conftest import (CLEAR, PAGE, add_ports, assert_one_line_error, clear, libpq_env,
                      make_page, make_undeletable, queued, sql, touch_port, tree, wait_for,
                      waiting_on_lock)

@@ -16,7 +16,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from conftest import (CLEAR, GRANTS, HERE, add_ports, all_queued, backends, free_port,
+from conftest import (CLEAR, GRANTS, HERE, add_ports, all_queued, backends, copy_checkout, free_port,
                      libpq_env, make_page, queue_quietly, queued, require, sql, touch_port,
                      typed, wait_for)
 
@@ -295,8 +295,7 @@ def account(db, tmp_path):
     # in a directory the account can read.
     home = Path(tempfile.mkdtemp(prefix="lcc-checkout-"))
     home.chmod(0o755)
-    for script in ("clear_cache.py", "listen_clear_cache.py", "requirements.txt"):
-        shutil.copy(HERE / script, home / script)
+    copy_checkout(home)
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(home / ".venv")], check=True)
     subprocess.run([str(home / ".venv/bin/python"), "-m", "pip", "install", "-q", "-r",
                     str(home / "requirements.txt")], check=True, capture_output=True)

@@ -16,7 +16,7 @@ import psycopg2.extensions
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from clear_cache import valid_port
+from cache_clearing.templates import valid_name
 from conftest import (waiting_clearer, warm_backends, add_ports, assert_one_line_error,
                      clear, clearer_children, drop_database, free_port,
                      load_schema, make_page, make_pg, queued, reliability, require, server_bindir,
@@ -611,7 +611,7 @@ def test_hostile_names_property(database, pairs, explicit):
         after = tree(root)
     assert "Traceback" not in result.stderr
     assert result.returncode in (0, 2) and result.stderr.strip(), result
-    allowed = {str(cache / c / p) for c, p in pairs if valid_port(c, p)}
+    allowed = {str(cache / c / p) for c, p in pairs if valid_name(c) and valid_name(p)}
     for path in set(before) | set(after):
         if before.get(path) != after.get(path):
             assert os.path.dirname(path) in allowed, "changed: %r" % path

@@ -1,0 +1,117 @@
+"""Report the due rows and the listening daemons, as a Nagios plugin.
+
+    clear_cache.py --check [--consumer NAME] [--warn SECONDS] [--crit SECONDS]
+
+One line on stdout; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.  Every
+usage or configuration error is UNKNOWN: Nagios reads 2 as CRITICAL.
+Changes nothing, and needs no cache directory.
+"""
+
+from .config import Parser, add_common_options, load_config, seconds
+from .errors import (DATABASE_ERROR, ConfigError, UsageError, count, db_error, psycopg2,
+                     require_psycopg2)
+from .queues import (REGISTERED, UNREGISTERED, connect, daemon_name, union,
+                     unregistered_reason)
+
+OK, WARNING, CRITICAL, UNKNOWN = range(4)     # Nagios plugin exit codes
+STATUS = ["OK", "WARNING", "CRITICAL", "UNKNOWN"]
+# For each consumer: its due rows in every queue, the age of the oldest in
+# seconds, and the daemons listening for it (by application_name, the second
+# array).
+CHECK_QUERY = (
+    "SELECT c.name, count(q.*), coalesce(EXTRACT(epoch FROM now() - min(q.due_at)), 0)::float8,"
+    " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND application_name = c.daemon)"
+    " FROM unnest(%s::text[], %s::text[]) AS c(name, daemon)"
+    " LEFT JOIN ({}) q ON q.consumer = c.name AND q.due_at <= now()"
+    " GROUP BY c.name, c.daemon ORDER BY c.name")
+
+
+def add_options(parser):
+    """--check, --warn and --crit, in a group of their own."""
+    group = parser.add_argument_group("monitoring (Nagios plugin conventions: one line on"
+                                      " stdout; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
+    group.add_argument("--check", action="store_true", help="report the due rows and the"
+                       " listening daemons of the consumer, or of every registered one;"
+                       " change nothing; no cache directory needed")
+    group.add_argument("--warn", metavar="SECONDS", type=seconds(0), default=60.0,
+                       help="WARNING when the oldest due row is this old (default: 60)")
+    group.add_argument("--crit", metavar="SECONDS", type=seconds(0), default=300.0,
+                       help="CRITICAL when it is this old (default: 300)")
+
+
+def wanted(argv):
+    """Does the command line ask for --check?  argparse's own reading, abbreviations too."""
+    parser = Parser(add_help=False)
+    parser.add_argument("--check", action="store_true")
+    try:
+        return parser.parse_known_args(argv)[0].check
+    except UsageError:
+        return False
+
+
+def main(argv=None):
+    parser = Parser(description=__doc__)
+    add_common_options(parser)
+    add_options(parser)
+    try:
+        args = parser.parse_args(argv)
+    except (UsageError, ConfigError) as e:
+        return report(UNKNOWN, str(e))
+    if args.warn > args.crit:
+        return report(UNKNOWN, "--warn %g is above --crit %g" % (args.warn, args.crit))
+    try:
+        config = load_config(args, cache=False)
+        require_psycopg2()
+        rows, unregistered = read_status(config)
+    except ConfigError as e:
+        return report(UNKNOWN, str(e))
+    except DATABASE_ERROR as e:
+        return report(UNKNOWN, db_error(e))
+    return report(*judge(rows, unregistered, config.consumer, args.warn, args.crit))
+
+
+def read_status(config):
+    """(consumer, rows due, age of the oldest, listeners) per consumer; is it unregistered?"""
+    conn = connect(config.dsn, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            consumers, unregistered = [config.consumer], False
+            if config.consumer:
+                cur.execute("SELECT " + UNREGISTERED, {"c": config.consumer})
+                unregistered = cur.fetchone()[0]
+            else:   # every registered consumer, or '' while none is
+                cur.execute(REGISTERED)
+                consumers = [name for name, in cur] or [""]
+            cur.execute(psycopg2.sql.SQL(CHECK_QUERY).format(union(config.queues)),
+                        [consumers, [daemon_name(c) for c in consumers]])
+            return cur.fetchall(), unregistered
+    finally:
+        conn.close()
+
+
+def judge(rows, unregistered, consumer, warn, crit):
+    """(status, text) of the rows read_status() found."""
+    worst, trouble = OK, []
+    for name, due, oldest, listeners in rows:
+        status = (CRITICAL if not listeners or oldest >= crit
+                  else WARNING if oldest >= warn else OK)
+        worst = max(worst, status)
+        if status != OK and len(rows) > 1:
+            trouble.append("%s: %s" % (name, "no listener" if not listeners
+                                       else "oldest due %d s" % oldest))
+    if unregistered:
+        worst = CRITICAL
+        trouble.append(unregistered_reason(consumer))
+    due = sum(r[1] for r in rows)
+    oldest = max(r[2] for r in rows)
+    listeners = sum(r[3] for r in rows)
+    return worst, "%s due, oldest due %d s, %s%s | due=%d oldest=%ds;%g;%g listeners=%d" % (
+        count(due, "row"), oldest, count(listeners, "listener"),
+        "".join("; " + t for t in trouble), due, oldest, warn, crit, listeners)
+
+
+def report(status, text):
+    """One line on stdout; returns the exit status."""
+    print("CLEAR_CACHE %s - %s" % (STATUS[status], text))
+    return status

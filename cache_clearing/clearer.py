@@ -1,0 +1,339 @@
+"""Delete the cached pages that the rows queued in ports_cache_clearing name.
+
+One SERIALIZABLE transaction: read the distinct keys of the rows that are
+due (a port's category and name), delete the pages their templates name,
+delete the due rows the transaction saw, queue one re-clear per change,
+commit.  Rows queued meanwhile are not in the snapshot and stay for the next
+run.  Run it by hand for a one-off flush; the daemon, listen_clear_cache.py,
+runs it too.  --config FILE names other queues too, each with its pages and
+a command: one transaction covers them all.
+
+A page template is a path under the cache directory, such as
+{category}/{port}/* (the default) or categories/{category}/*; only its last
+component may hold glob characters, and one ending in / names a directory.
+With CATEGORY/PORT arguments (or --queue TABLE NAME=VALUE ...) it clears just
+those and leaves the queue alone.  Exit status: 0 all handled, 1 database
+error or a key left queued, 2 usage or configuration error.
+"""
+
+import argparse
+import datetime
+import fnmatch
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import check
+from .config import (DEFAULT_GIVE_UP, DEFAULT_QUEUE, Parser, add_common_options, env_flag,
+                     load_config, seconds, seconds_setting, setup_logging)
+from .errors import (DATABASE_ERROR, ConfigError, UsageError, count, db_error, one_line,
+                     psycopg2, require_psycopg2)
+from .pages import Cache, open_cache_dir
+from .queues import (NO_IDLE_TIMEOUTS, check_consumer, connect, lock_timeout,
+                     read_keys, select_due, update_queues)
+
+ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
+RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+WARM_NAME = "clear_cache.py (warm)"     # application_name of the daemon's waiting clearer
+
+log = logging.getLogger("clear_cache")
+
+
+def main(argv=None):
+    if check.wanted(argv):
+        return check.main(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        stamps = env_flag("CLEAR_CACHE_TIMESTAMPS", True)
+    except (UsageError, ConfigError) as e:
+        return parser.exit(2, "%s: error: %s (see --help)\n" % (parser.prog, e))
+    setup_logging(args.verbosity, stamps)
+    by_hand = bool(args.ports or args.queue)
+    try:
+        config = load_config(args, dsn=not by_hand, give_up=seconds_setting(
+            args.give_up_after, "CLEAR_CACHE_GIVE_UP_AFTER", DEFAULT_GIVE_UP,
+            seconds(0, strict=True)))
+        if by_hand:
+            items, targets, commands = keys_by_hand(config, args.queue, args.ports)
+        else:
+            require_psycopg2()
+            give_up = GiveUp(config.give_up)
+            word, ahead = wait_for_word(config, give_up) if args.warm else (True, {})
+            if not word:
+                return 0        # the daemon needs no run
+        started = time.monotonic()
+        # Opened only now: the operator may have swapped it while we waited.
+        cache = Cache(open_cache_dir(config.cache_dir, write=not args.dry_run),
+                      config.cache_dir, args.dry_run)
+        rows, failed = ((0, cache.clear(items, targets, commands)) if by_hand
+                        else flush_queue(config, cache, give_up, **ahead))
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except DATABASE_ERROR as e:
+        log.error("database error: %s", db_error(e))
+        return 1
+    noun = "key" if config.source else "port"
+    log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
+             "dry run: " if args.dry_run else "", count(len(cache.cleared), noun),
+             count(rows, "row"), count(cache.files, "file"),
+             ", %s left queued" % count(len(failed), noun) if failed else "",
+             (time.monotonic() - started) * 1000)
+    return 1 if failed else 0
+
+
+def build_parser():
+    parser = Parser(description=__doc__)
+    add_common_options(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be removed, change nothing")
+    parser.add_argument("ports", nargs="*", metavar="CATEGORY/PORT",
+                        help="clear just these ports (NAME=VALUE with --queue); the queue is"
+                        " not read")
+    parser.add_argument("--queue", metavar="TABLE", help="clear by hand what the"
+                        " configuration's queue TABLE clears for the keys given as"
+                        " NAME=VALUE arguments (a date as YYYY-MM-DD); the queue is not read")
+    parser.add_argument("--give-up-after", metavar="SECONDS", type=seconds(0, strict=True),
+                        help="give up, exit 1, if the server has not answered a run's first"
+                        " statement this long after the run began, or a lock is not granted"
+                        " in as long (default: $CLEAR_CACHE_GIVE_UP_AFTER, then %g)"
+                        % DEFAULT_GIVE_UP)
+    check.add_options(parser)   # for --help: main() hands a --check to check.main()
+    # The daemon's business: connect, then wait for a byte on stdin before
+    # the run; end of file: exit 0, no run.
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def keys_by_hand(config, table, arguments):
+    """(items, targets, commands) of a clear by hand.
+
+    CATEGORY/PORT arguments are the keys of ports_cache_clearing, as --queue
+    ports_cache_clearing category=CATEGORY port=PORT would give them.
+    """
+    index, queue = config.queue(table or DEFAULT_QUEUE)
+    if table is None:
+        keyed = [(arg, dict(zip(("category", "port"), arg.partition("/")[::2])))
+                 for arg in arguments]
+    else:
+        keyed = [(" ".join(arguments), dict(value_argument(a) for a in arguments))]
+    items, targets, commands = [], {}, {}
+    for text, values in keyed:
+        missing = queue.placeholders() - set(values)
+        if missing:
+            raise ConfigError("--queue %s: give %s=VALUE too" % (table, sorted(missing)[0]))
+        item = index, tuple(sorted(values.items()))
+        if not file_item(targets, commands, item, queue, values):
+            raise ConfigError("not %s the templates of %s can use: %r" % (
+                "values" if table else "a CATEGORY/PORT", queue.table, text))
+        items.append(item)
+    return items, targets, commands
+
+
+def value_argument(arg):
+    """(name, value) of a NAME=VALUE argument; a date is written YYYY-MM-DD."""
+    name, equals, value = arg.partition("=")
+    if not equals:
+        raise ConfigError("--queue: expected NAME=VALUE, got %r" % arg)
+    try:
+        return name, datetime.date.fromisoformat(value)
+    except ValueError:
+        return name, value
+
+
+def file_item(targets, commands, item, queue, values):
+    """File what item's values name: {Target: the items naming it}, {item: (argv, timeout)}.
+
+    False, filing nothing, if a value cannot be used.
+    """
+    found, argv = queue.targets(values), queue.argv(values)
+    if found is None or argv is None:
+        return False
+    for target in found:
+        targets.setdefault(target, []).append(item)
+    if argv:
+        commands[item] = argv, queue.timeout
+    return True
+
+
+class GiveUp:
+    """A run's deadline: exit 1 unless the server answers in time.
+
+    A watchdog thread ends the process, since the main one may be stuck in
+    libpq: a paused pooler, a lock.  Armed at the start of each attempt (or at
+    the daemon's word), disarmed once the server has answered its first
+    statement.  Started ahead, so that arming it starts no thread on the way
+    from a change to its page gone.
+    """
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.deadline = None
+        self.changed = threading.Condition()
+        threading.Thread(target=self.watch, daemon=True).start()
+
+    def arm(self):
+        with self.changed:
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.seconds
+                self.changed.notify()
+
+    def answered(self):
+        with self.changed:
+            self.deadline = None
+
+    def watch(self):
+        with self.changed:
+            while self.deadline is None or time.monotonic() < self.deadline:
+                self.changed.wait(None if self.deadline is None
+                                  else self.deadline - time.monotonic())
+        log.error("gave up: the server did not answer in %g s (a paused connection pooler?"
+                  " a lock?)", self.seconds)
+        logging.shutdown()
+        os._exit(1)
+
+
+def wait_for_word(config, give_up):
+    """The daemon's waiting clearer: connect ahead, and wait for the word on stdin.
+
+    The word is one byte; end of file means the daemon needs no run (it stops,
+    or it died).  The run's deadline starts with the word, so a connection
+    still under way counts against it.  Returns (word given, what was
+    prepared: flush_queue's conn and layout, those that could be).
+    """
+    ahead = {}
+    connecting = threading.Thread(target=connect_ahead, args=(config, ahead), daemon=True)
+    connecting.start()
+    # fnmatch compiles and caches each pattern on first use: the templates'
+    # literal last components are the patterns of most runs.
+    for queue in config.queues:
+        for page in queue.pages:
+            if page.glob:
+                fnmatch.fnmatchcase("", page.components[-1].literal)
+    if not os.read(sys.stdin.fileno(), 1):
+        return False, {}
+    give_up.arm()
+    connecting.join()
+    return True, ahead
+
+
+def connect_ahead(config, ahead):
+    """Connect, and let the new backend fill its caches; ahead["conn"] if it worked."""
+    conn = None
+    try:
+        conn = connect(config.dsn, fallback_application_name=WARM_NAME)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(NO_IDLE_TIMEOUTS)
+            ahead["layout"] = layout = read_keys(cur, config.queues)
+            # A new backend plans its first query slowly while it fills its
+            # caches: let it do that now.  No snapshot stays.
+            cur.execute(psycopg2.sql.SQL("EXPLAIN ") + select_due(layout),
+                        {"c": config.consumer})
+        ahead["conn"] = conn
+    except ConfigError:
+        ahead["conn"] = conn    # the run says what is wrong
+    except psycopg2.Error as e:
+        log.warning("cannot prepare ahead, connecting again at the run: %s", one_line(e))
+        if conn is not None:
+            conn.close()
+
+
+def flush_queue(config, cache, give_up, conn=None, layout=None):
+    """Clear every queue's due keys in one transaction; return (rows deleted, failed keys).
+
+    conn, if given, was opened before the run was asked for; should it turn
+    out to be dead, the run connects again.  Each attempt must have its first
+    statement answered within config.give_up seconds (GiveUp); once it has,
+    the run works on to its end.
+    """
+    ahead = conn is not None
+    try:
+        for attempt in range(1, ATTEMPTS + 1):
+            give_up.arm()
+            try:
+                # libpq rounds a connect_timeout under 2 s up to 2: the timer holds.
+                conn = conn or connect(config.dsn, connect_timeout=math.ceil(config.give_up))
+                # clear_snapshot sends BEGIN itself, with the lock_timeout.
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    layout = layout or read_keys(cur, config.queues)
+                    try:
+                        return clear_snapshot(cur, cache, config, layout, give_up.answered)
+                    except BaseException:
+                        roll_back(cur)
+                        raise
+            except psycopg2.Error as e:
+                if ahead and e.pgcode is None and attempt == 1:
+                    # It died unseen while we waited (no word from the server).
+                    log.info("connecting again: %s", one_line(e))
+                    conn.close()
+                    conn = None
+                    continue
+                if e.pgcode not in RETRYABLE or attempt == ATTEMPTS:
+                    raise
+                # Routine when two runs overlap; the last attempt's failure is the error.
+                log.info("retrying after %s (attempt %d)", db_error(e), attempt)
+                time.sleep(0.05 * attempt)
+    finally:
+        give_up.answered()
+        if conn is not None:
+            conn.close()
+
+
+def roll_back(cur):
+    """End a failed transaction, if the connection still can."""
+    try:
+        cur.execute("ROLLBACK")
+    except psycopg2.Error:
+        pass
+
+
+def clear_snapshot(cur, cache, config, layout, answered):
+    """Clear the keys due in this transaction's snapshot, delete their rows, queue re-clears."""
+    # The first answer proves the server reachable (no paused pooler): a cheap
+    # statement, so that the deadline never cuts short the SELECT of a large
+    # backlog.  A lock not granted within give_up fails the run: it is retried.
+    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
+                [lock_timeout(config.give_up)])
+    answered()
+    # Deduplicate in the database: a backlog can hold a million rows.
+    cur.execute(select_due(layout), {"c": config.consumer})
+    if not cur.rowcount:
+        check_consumer(cur, config.consumer)
+    changed = {}    # item -> queued by a change, not only by a re-clear
+    for row in cur:
+        item = layout.item(row)
+        changed[item] = changed.get(item, False) or not row[1]
+    targets, commands = {}, {}
+    for item in list(changed):
+        queue, values = layout.queues[item[0]], layout.values(item)
+        if not file_item(targets, commands, item, queue, values):
+            # It can never name a cache entry, so it goes with the batch.
+            log.warning("%s: invalid name %s, %s", queue.table, ", ".join(
+                "%s=%r" % kv for kv in values.items()), "would be deleted" if cache.dry_run
+                else "deleted unused")
+            del changed[item]
+    if cache.dry_run:
+        failed = cache.clear(changed, targets, commands)
+        cur.execute("ROLLBACK")
+        return 0, failed
+    # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
+    # committed after it started stays queued for the next run.  Nothing is
+    # committed before the files are gone (and the commands done), so the
+    # server may update the queues meanwhile: a large backlog's DELETE and
+    # the unlinks overlap.  The pool's exit waits for it: the connection is
+    # free again only then.
+    with ThreadPoolExecutor(1) as pool:
+        updating = pool.submit(update_queues, cur.connection, changed, config, layout)
+        failed = cache.clear(changed, targets, commands)
+    rows = updating.result()
+    if failed:
+        rows = update_queues(cur.connection, changed, config, layout, failed)
+    cur.execute("COMMIT")
+    return rows, failed

@@ -1,0 +1,257 @@
+"""The cache directory: remove what targets name, never following a link inside it;
+run the queues' commands.
+
+Names come from the database: each is one validated path component, every
+directory is opened relative to its parent's fd with O_NOFOLLOW, and every
+unlink is relative to an fd.
+"""
+
+import errno
+import fnmatch
+import logging
+import math
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor     # not lazily, in the run
+
+from .errors import ConfigError, one_line
+from .templates import Target
+
+UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits on the disk
+THREADS_FROM = 1000     # targets per thread at least: a small batch takes one
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
+# A command is given no secret of ours.
+WITHHELD = ("CLEAR_CACHE_DSN", "CLEAR_CACHE_CONFIG_TEXT")
+
+log = logging.getLogger("clear_cache")
+
+
+def open_cache_dir(path, write=True):
+    """Open the cache root; a symlink here is the administrator's and is followed."""
+    try:
+        fd = os.open(path, DIR_FLAGS)
+    except OSError as e:
+        raise ConfigError("cache directory %s: %s" % (path, e.strerror)) from None
+    if write and not os.access(path, os.W_OK | os.X_OK):
+        os.close(fd)
+        raise ConfigError("cache directory %s: not writable by this account (uid %d)"
+                          % (path, os.geteuid()))
+    return fd
+
+
+def open_subdir(dir_fd, name):
+    """Open directory name under dir_fd; a symlink or a non-directory raises ENOTDIR."""
+    try:
+        return os.open(name, SUBDIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        raise NotADirectoryError(errno.ENOTDIR, "is a symlink" if link
+                                 else "is not a directory") from None
+
+
+def in_this_thread(function, *args):
+    """function(*args) as a finished Future: what it returned or raised."""
+    future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
+class Cache:
+    """The cache directory, opened; what one run did to it, over all its attempts."""
+
+    def __init__(self, cache_fd, cache_dir, dry_run=False):
+        self.cache_fd = cache_fd
+        self.cache_dir = cache_dir
+        self.dry_run = dry_run
+        # A serialization failure retries the transaction: count over all attempts.
+        self.cleared = set()    # the items cleared
+        self.files = 0          # the files removed
+
+    def clear(self, items, targets, commands):
+        """Clear {Target: the items naming it}, then run {item: (argv, timeout)}.
+
+        Returns the items that failed.  Each distinct target is cleared once,
+        whichever items name it; a command runs once its item's pages are gone.
+        """
+        failed = self.clear_pages(targets)
+        for item, (argv, timeout) in commands.items():
+            if item not in failed and not self.run(argv, timeout):
+                failed.add(item)
+        self.cleared.update(item for item in items if item not in failed)
+        return [item for item in items if item in failed]
+
+    def clear_pages(self, targets):
+        """Clear {Target: the items naming it}; return the set of items whose pages failed."""
+        # Sorted, targets that share directories come together.  A large batch
+        # is cut into UNLINK_THREADS runs of them, each with its own walk:
+        # unlinking pages that were written back to disk mostly waits on the
+        # filesystem.  A dry run prints in order.
+        ordered = sorted(targets, key=lambda t: (t.dirs, t.last, t.pattern or "", t.directory))
+        size = max(THREADS_FROM, len(ordered) if self.dry_run
+                   else math.ceil(len(ordered) / UNLINK_THREADS))
+        parts = [ordered[i:i + size] for i in range(0, len(ordered), size)] or [[]]
+        with ThreadPoolExecutor(UNLINK_THREADS) as pool:
+            futures = [pool.submit(self.clear_targets, part) for part in parts[1:]]
+            futures.insert(0, in_this_thread(self.clear_targets, parts[0]))
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        for error in errors[1:]:
+            log.error("clearing in a thread: %s", one_line(error))
+        if errors:
+            raise errors[0]
+        failed = set()
+        for future in futures:
+            bad, files = future.result()
+            self.files += files
+            for target in bad:
+                failed.update(targets[target])
+        return failed
+
+    def run(self, argv, timeout):
+        """Run a queue's command, never through a shell; False if it failed."""
+        if self.dry_run:
+            print("would run: " + shlex.join(argv))
+            return True
+        env = {k: v for k, v in os.environ.items() if k not in WITHHELD}
+        try:    # its output goes to our stderr
+            code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                                  env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.error("command %s: still running after %g s: killed", shlex.join(argv), timeout)
+            return False
+        except OSError as e:
+            log.error("command %s: %s", shlex.join(argv), e.strerror)
+            return False
+        if code:
+            log.error("command %s: exited with %s", shlex.join(argv),
+                      code if code > 0 else "signal %d" % -code)
+        return code == 0
+
+    def clear_targets(self, targets):
+        """Clear each of the sorted targets; return (those that failed, files removed).
+
+        Each directory is opened once, and only those along one path are open.
+        """
+        bad, files = [], 0
+        # (name, fd, ok) along the current path.  fd None: nothing to clear
+        # there; ok False: it, or a directory above it, could not be opened.
+        opened = [("", self.cache_fd, True)]
+        try:
+            for target in targets:
+                dirs = target.dirs
+                same = 1
+                while (same < min(len(opened), len(dirs) + 1)
+                       and opened[same][0] == dirs[same - 1]):
+                    same += 1
+                while len(opened) > same:
+                    fd = opened.pop()[1]
+                    if fd is not None:
+                        os.close(fd)
+                for depth in range(len(opened), len(dirs) + 1):
+                    _, parent, ok = opened[-1]
+                    fd, ok = (None, ok) if parent is None else self.open_dir(parent,
+                                                                             dirs[:depth])
+                    opened.append((dirs[depth - 1], fd, ok))
+                _, fd, ok = opened[-1]
+                if fd is not None:
+                    ok, removed = self.remove(fd, target)
+                    files += removed
+                if not ok:
+                    bad.append(target)
+        finally:
+            for _, fd, _ in opened[1:]:
+                if fd is not None:
+                    os.close(fd)
+        return bad, files
+
+    def open_dir(self, parent_fd, dirs):
+        """(fd, True) of directory dirs; (None, True): nothing to clear; (None, False): failed."""
+        try:
+            return open_subdir(parent_fd, dirs[-1]), True
+        except FileNotFoundError:
+            return None, True
+        except NotADirectoryError as e:
+            # Not ours to follow; retrying would not change it.
+            log.warning("%s: %s, not entered", self.path(*dirs), e.strerror)
+            return None, True
+        except OSError as e:
+            log.error("cannot open %s: %s", self.path(*dirs), e.strerror)
+            return None, False
+
+    def remove(self, dir_fd, target):
+        """Unlink the non-directory entries target names in dir_fd; return (none stays,
+        files removed)."""
+        dirs, last, pattern = target.dirs, target.last, target.pattern
+        # Directories are told apart first: unlink(2) of one fails with EISDIR
+        # on Linux but EPERM elsewhere.
+        try:
+            if target.directory:
+                return self.remove_directory(dir_fd, dirs, last)
+            if pattern is not None:
+                with os.scandir(dir_fd) as entries:
+                    found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries
+                             if fnmatch.fnmatchcase(e.name, pattern)]
+            else:
+                mode = os.stat(last, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                found = [(last, stat.S_ISDIR(mode))]
+        except FileNotFoundError:
+            found = []
+        except OSError as e:
+            log.error("cannot read %s: %s", self.path(*dirs, last), e.strerror)
+            return False, 0
+        ok = True
+        removed = 0
+        for name, is_dir in found:
+            try:
+                if is_dir:
+                    raise IsADirectoryError
+                if self.dry_run:
+                    print(self.path(*dirs, name))
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+                removed += 1
+            except FileNotFoundError:
+                pass        # not there, or someone else removed it: that is the goal
+            except IsADirectoryError:
+                log.warning("%s: is a directory, left alone%s", self.path(*dirs, name),
+                            "" if pattern else " (a template ends in /* for its files, or in"
+                            " / for the directory itself)")
+            except OSError as e:
+                log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
+                ok = False
+        log.debug("%s: removed %d files", "/".join(dirs + (last,)), removed)
+        return ok, removed
+
+    def remove_directory(self, parent_fd, dirs, name):
+        """Unlink the non-directory entries of directory name, then remove it if empty."""
+        fd, ok = self.open_dir(parent_fd, dirs + (name,))
+        if fd is None:
+            return ok, 0
+        try:
+            ok, removed = self.remove(fd, Target(dirs + (name,), "*", "*", False))
+        finally:
+            os.close(fd)
+        if ok and not self.dry_run:
+            try:
+                os.rmdir(name, dir_fd=parent_fd)
+            except OSError as e:
+                # A renderer writing into it meanwhile, or a subdirectory: it stays.
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
+                    ok = False
+        return ok, removed
+
+    def path(self, *parts):
+        """A path under the cache directory, for messages only."""
+        return os.path.join(self.cache_dir, *parts)

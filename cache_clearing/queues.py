@@ -1,0 +1,207 @@
+"""The queues' SQL: their key columns, the due rows, the queue update.
+
+Every statement is composed with psycopg2.sql; a table is named as
+PostgreSQL reads an unquoted name (folded to lower case) and quoted.
+"""
+
+import dataclasses
+import math
+import os
+import sys
+
+from .errors import ConfigError, psycopg2
+
+# This consumer's due rows; now() is the transaction's start, the snapshot's time.
+DUE = "consumer = %(c)s AND due_at <= now()"
+# Each queue's key columns and their types; whether it exists and is a queue.
+KEYS_QUERY = (
+    "SELECT c.oid IS NOT NULL, EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid"
+    " AND t.tgname = c.relname || '_notify'),"
+    " ARRAY(SELECT k.name::text FROM cache_clearing_keys(c.oid) k),"
+    " ARRAY(SELECT k.type FROM cache_clearing_keys(c.oid) k)"
+    " FROM unnest(%s::text[]) WITH ORDINALITY AS q(name, i)"
+    " LEFT JOIN pg_class c ON c.oid = to_regclass(q.name) ORDER BY q.i")
+# True when nothing is queued for consumer %(c)s: '' while names are
+# registered, or a name that is not registered (none may be).
+UNREGISTERED = ("CASE WHEN %(c)s = '' THEN EXISTS (SELECT FROM cache_consumers)"
+                " ELSE NOT EXISTS (SELECT FROM cache_consumers WHERE name = %(c)s) END")
+REGISTERED = "SELECT name FROM cache_consumers ORDER BY name"
+# Sessions that wait on purpose; set_config, since PostgreSQL 13 has no
+# idle_session_timeout.
+NO_IDLE_TIMEOUTS = ("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN"
+                    " ('idle_session_timeout', 'idle_in_transaction_session_timeout')")
+
+
+def connect(dsn, **params):
+    """Connect with keepalives, so that a dead peer is noticed while idle."""
+    # The DSN or PGAPPNAME may name the application; else the script does.
+    params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                       keepalives_count=3, connect_timeout=10,
+                       fallback_application_name=os.path.basename(sys.argv[0])), **params)
+    return psycopg2.connect(dsn, **params)
+
+
+def lock_timeout(seconds):
+    """A lock_timeout setting for seconds: never 0, which would mean no limit."""
+    return "%dms" % max(1, math.ceil(seconds * 1000))
+
+
+def daemon_name(consumer):
+    """The application_name a daemon sets for itself: it says which consumer it serves."""
+    name = "listen_clear_cache.py" + (" " + consumer if consumer else "")
+    return name.encode()[:63].decode(errors="ignore")     # PostgreSQL keeps 63 bytes
+
+
+def unregistered_reason(consumer):
+    """Why nothing is queued for consumer, as --check, the clearer and the daemon say it."""
+    if consumer:
+        return "consumer %r is not registered in cache_consumers: nothing is queued for it" % (
+            consumer)
+    return ("no consumer given, and cache_consumers is not empty: nothing is queued for ''"
+            " (give --consumer)")
+
+
+def check_consumer(cur, consumer):
+    """Raise ConfigError if nothing can be queued for consumer."""
+    cur.execute("SELECT " + UNREGISTERED, {"c": consumer})
+    if cur.fetchone()[0]:
+        raise ConfigError(unregistered_reason(consumer))
+
+
+def table(name):
+    """A table's name as SQL: what PostgreSQL makes of it unquoted, quoted."""
+    return psycopg2.sql.Identifier(*name.lower().split("."))
+
+
+def union(queues):
+    """SQL for the (consumer, due_at) of every queue's rows."""
+    return psycopg2.sql.SQL(" UNION ALL ").join(
+        psycopg2.sql.SQL("SELECT consumer, due_at FROM {}").format(table(queue.table))
+        for queue in queues)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The queues of a run with the key columns the database gave each."""
+
+    queues: tuple
+    keys: tuple     # per queue: ((name, type), ...)
+
+    def slot(self, index):
+        """Where queue index's keys start in a row of select_due()."""
+        return sum(len(keys) for keys in self.keys[:index])
+
+    def item(self, row):
+        """(queue index, its keys) of a row of select_due()."""
+        start = 2 + self.slot(row[0])
+        return row[0], row[start:start + len(self.keys[row[0]])]
+
+    def values(self, item):
+        """{key column: value} of an item."""
+        return dict(zip((name for name, _ in self.keys[item[0]]), item[1]))
+
+
+def read_keys(cur, queues):
+    """The Layout of the queues: the key columns of those a configuration file named.
+
+    ConfigError for a table that is missing or no queue, or a placeholder
+    that names none of its keys: exit 2, with nothing deleted.
+    """
+    if all(queue.keys is not None for queue in queues):
+        return Layout(queues, tuple(queue.keys for queue in queues))
+    cur.execute(KEYS_QUERY, [[queue.table for queue in queues]])
+    return take_keys(queues, cur.fetchall())
+
+
+def take_keys(queues, rows):
+    """The Layout from KEYS_QUERY's rows, or ConfigError."""
+    found = []
+    for queue, (exists, is_queue, names, types) in zip(queues, rows):
+        if not exists:
+            raise ConfigError("queue %s: no such table" % queue.table)
+        if not is_queue:
+            raise ConfigError("queue %s: not a queue (SELECT cache_clearing_queue('%s') makes"
+                              " it one)" % (queue.table, queue.table))
+        unknown = sorted(queue.placeholders() - set(names))
+        if unknown:
+            raise ConfigError("queue %s: placeholder {%s} is not one of its key columns (%s)"
+                              % (queue.table, unknown[0], ", ".join(names) or "it has none"))
+        found.append(tuple(zip(names, types)))
+    return Layout(tuple(queues), tuple(found))
+
+
+def select_due(layout):
+    """The distinct keys of every queue's due rows, in one round trip.
+
+    A row is (queue index, reclear, every queue's keys): each queue fills its
+    own typed slots, and NULL the others'.
+    """
+    sql = psycopg2.sql
+    slots = [sql.SQL("NULL::" + kind) for keys in layout.keys for _, kind in keys]
+    branches = []
+    for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
+        columns = list(slots)
+        start = layout.slot(index)
+        for i, (name, _) in enumerate(keys):
+            columns[start + i] = sql.Identifier(name)
+        branches.append(sql.SQL("SELECT DISTINCT {}, reclear{} FROM {} WHERE " + DUE).format(
+            sql.Literal(index), sql.Composed([sql.SQL(", ") + c for c in columns]),
+            table(queue.table)))
+    return sql.SQL(" UNION ALL ").join(branches)
+
+
+def update_queues(conn, changed, config, layout, failed=()):
+    """Delete the due rows but the failed keys', queue re-clears; return rows deleted.
+
+    changed: {item: queued by a change, not only by a re-clear}.  Without
+    failed keys it first sets the savepoint that undoes it all, should a key
+    fail; with them it goes back to that savepoint first.
+    """
+    sql = psycopg2.sql
+    params, failed = {"c": config.consumer}, set(failed)
+    rows = 0
+    with conn.cursor() as cur:
+        cur.execute("ROLLBACK TO SAVEPOINT snapshot_read" if failed
+                    else "SAVEPOINT snapshot_read")
+        for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
+            kept = [k for i, k in failed if i == index]
+            if kept and not keys:
+                continue        # a queue without keys is one item: it stays whole
+            delete = sql.SQL("DELETE FROM {} q WHERE " + DUE).format(table(queue.table))
+            if kept:
+                delete += sql.SQL(" AND NOT EXISTS (SELECT FROM {} WHERE {})").format(
+                    unnest(keys), sql.SQL(" AND ").join(
+                        sql.SQL("f.k%d = q.{}" % i).format(sql.Identifier(name))
+                        for i, (name, _) in enumerate(keys)))
+            cur.execute(delete, dict(params, **columns(kept, keys)))
+            rows += cur.rowcount
+            # A render that read the database before the change committed may
+            # write its page after we delete it: clear once more, later.
+            # Re-clears queue nothing, so they never chain.
+            again = [k for (i, k), change in changed.items()
+                     if i == index and change and (i, k) not in failed]
+            delay = config.again_after if queue.again_after is None else queue.again_after
+            if delay and again:
+                cur.execute(sql.SQL(
+                    "INSERT INTO {} ({}consumer, due_at, reclear) SELECT {}%(c)s,"
+                    " now() + %(delay)s * interval '1 second', true FROM {}").format(
+                        table(queue.table),
+                        sql.Composed([sql.Identifier(name) + sql.SQL(", ") for name, _ in keys]),
+                        sql.SQL("".join("f.k%d, " % i for i in range(len(keys)))),
+                        unnest(keys) if keys else sql.SQL("(SELECT) AS f")),
+                    dict(params, delay=delay, **columns(again, keys)))
+    return rows
+
+
+def unnest(keys):
+    """Parallel typed arrays, one per key column, as f(k0, k1, ...)."""
+    sql = psycopg2.sql
+    return sql.SQL("unnest({}) AS f({})").format(
+        sql.SQL(", ").join(sql.Placeholder("k%d" % i) + sql.SQL("::%s[]" % kind)
+                           for i, (_, kind) in enumerate(keys)),
+        sql.SQL(", ".join("k%d" % i for i in range(len(keys)))))
+
+
+def columns(keys, queue_keys):
+    """The parameters of unnest(): each key column's values."""
+    return {"k%d" % i: [k[i] for k in keys] for i in range(len(queue_keys))}
