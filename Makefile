@@ -53,7 +53,7 @@ bench: $(VENV)/.dev-installed
 reliability: $(VENV)/.dev-installed
 	rm -f reliability.json
 	@$(WITH_TEST_PG) -- $(PY) -m pytest -q -m reliability $(ARGS)
-	$(PY) -c "import conftest; conftest.print_reliability_table()"
+	$(PY) -c "from tests.fixtures.common import print_reliability_table as p; p()"
 
 # The demo uses the database `make run` uses, a temporary cache directory,
 # and a port named demo/hello, which it removes again with its queue rows.

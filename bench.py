@@ -28,8 +28,10 @@ from pathlib import Path
 
 import psycopg2
 
-from conftest import (CLEAR, Daemon, clearer_children, create_database, drop_database,
-                         find_admin_dsn, make_page, sql, wait_for)
+from tests.fixtures.common import wait_for
+from tests.fixtures.daemon import CLEAR, clearer_children, Daemon
+from tests.fixtures.database import create_database, drop_database, find_admin_dsn, sql
+from tests.fixtures.files import make_page
 
 LATENCY_CHANGES = int(os.environ.get('BENCH_LATENCY_CHANGES', 40))
 # Seconds between isolated changes, at random: they meet the re-clear runs of

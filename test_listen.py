@@ -14,10 +14,13 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from conftest import (CLEAR, FRESHPORTS, HERE, LISTEN, PAGE, Proxy, add_ports, all_queued,
-                     assert_one_line_error, backends, clear, clearer_children, free_port, make_page,
-                     queue_quietly, queued, sql, tcp_dsn, touch_port, wait_for,
-                     waiting_clearer, waiting_on_lock)
+from tests.fixtures.common import HERE, wait_for
+from tests.fixtures.daemon import (CLEAR, FRESHPORTS, LISTEN, assert_one_line_error, clean_env,
+                                   clear, clearer_children, waiting_clearer)
+from tests.fixtures.database import (add_ports, all_queued, backends, queue_quietly, queued,
+                                     sql, tcp_dsn, touch_port, waiting_on_lock)
+from tests.fixtures.files import PAGE, make_immutable, make_page
+from tests.fixtures.proxy import free_port, Proxy
 
 
 # ------------------------------------------------------------- the daemon
@@ -99,21 +102,17 @@ def test_a_bad_number_of_seconds_says_what_was_expected(cache):
         result.stderr, result.stderr
 
 
-def test_daemon_config_errors_exit_2_before_connecting(tmp_path, cache):
-    cases = [["--cache-dir", str(tmp_path / "missing")],
-             ["--cache-dir", str(cache), "--dsn", "host='unterminated"],
-             ["--cache-dir", str(cache), "--heartbeat", "0"],
-             ["--cache-dir", str(cache), "--heartbeat", "0"],
-             ["--cache-dir", str(cache), "--bogus"]]
-    for args in cases:
-        # The port is closed: a daemon that tried to connect would retry forever.
-        dsn = "host=127.0.0.1 port=%d connect_timeout=1" % free_port()
-        result = subprocess.run([sys.executable, LISTEN, "--dsn", dsn] + args,
-                                capture_output=True, text=True, timeout=30)
-        assert_one_line_error(result, 2)
-    result = subprocess.run([sys.executable, LISTEN], capture_output=True, text=True,
-                            timeout=30, env={k: v for k, v in os.environ.items()
-                                             if k != "CLEAR_CACHE_DIR"})
+@pytest.mark.parametrize("args", [["--cache-dir", "{tmp}/missing"],
+                                  ["--cache-dir", "{cache}", "--dsn", "host='unterminated"],
+                                  ["--cache-dir", "{cache}", "--heartbeat", "0"],
+                                  ["--cache-dir", "{cache}", "--bogus"],
+                                  []])
+def test_daemon_config_errors_exit_2_before_connecting(tmp_path, cache, args):
+    # The port is closed: a daemon that tried to connect would retry forever.
+    dsn = "host=127.0.0.1 port=%d connect_timeout=1" % free_port()
+    result = subprocess.run([sys.executable, LISTEN, "--dsn", dsn] + [
+        a.format(tmp=tmp_path, cache=cache) for a in args], capture_output=True, text=True,
+        timeout=30, env=clean_env())     # [] has no cache directory at all
     assert_one_line_error(result, 2)
 
 
@@ -341,18 +340,9 @@ def test_timestamps_off_by_word(db, cache):
     assert result.stderr.startswith("clear_cache: INFO: cleared 0 ports"), result.stderr
 
 
-def make_unwritable(path):
-    """Make directory path unwritable, as root (immutable flag) or not (mode 555)."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(path)], check=True)
-        return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
-    path.chmod(0o555)
-    return lambda: path.chmod(0o755)
-
-
 def test_a_cache_directory_it_cannot_write_stops_both_scripts_at_start(db, cache):
     add_ports(db, "www/a")
-    restore = make_unwritable(cache)
+    restore = make_immutable(cache)
     try:
         for script in (LISTEN, CLEAR):
             result = subprocess.run([sys.executable, script, "--dsn", db, "--cache-dir",

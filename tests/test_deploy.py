@@ -16,9 +16,12 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from conftest import (CLEAR, GRANTS, HERE, add_ports, all_queued, backends, copy_checkout, free_port,
-                     libpq_env, make_page, queue_quietly, queued, require, sql, touch_port,
-                     typed, wait_for)
+from tests.fixtures.common import HERE, copy_checkout, require, typed, wait_for
+from tests.fixtures.daemon import CLEAR
+from tests.fixtures.database import (GRANTS, add_ports, all_queued, backends, libpq_env,
+                                     queue_quietly, queued, sql, touch_port)
+from tests.fixtures.files import make_page
+from tests.fixtures.proxy import free_port
 
 
 # ------------------------------------------------- deployment recipes (contrib/)
@@ -247,19 +250,19 @@ def run_script(tmp_path, **env):
                           env={"PATH": os.environ["PATH"]})
 
 
-def test_daemontools_run_script_says_what_is_wrong_before_starting(tmp_path, cache):
-    cases = [({"LCC_ACCOUNT": "no_such_account_lcc"}, "no account no_such_account_lcc"),
-             ({"LCC_ACCOUNT": "", "LCC_HOME": str(tmp_path / "nowhere")},
-              "cannot run %s/nowhere/.venv/bin/python" % tmp_path),
-             ({"LCC_ACCOUNT": "", "LCC_HOME": str(HERE),
-               "CLEAR_CACHE_DIR": str(tmp_path / "missing")},
-              "cannot write the cache directory %s/missing" % tmp_path)]
-    for env, says in cases:
-        result = run_script(tmp_path / str(len(says)), **env)
-        assert result.returncode == 1, result
-        assert len(result.stdout.strip().splitlines()) == 1, result.stdout     # one line
-        assert result.stdout.startswith("listen-clear-cache run: ") and says in result.stdout, \
-            result.stdout
+@pytest.mark.parametrize("env, says", [
+    ({"LCC_ACCOUNT": "no_such_account_lcc"}, "no account no_such_account_lcc"),
+    ({"LCC_ACCOUNT": "", "LCC_HOME": "{tmp}/nowhere"}, "cannot run {tmp}/nowhere/.venv/bin/python"),
+    ({"LCC_ACCOUNT": "", "LCC_HOME": "{here}", "CLEAR_CACHE_DIR": "{tmp}/missing"},
+     "cannot write the cache directory {tmp}/missing")])
+def test_daemontools_run_script_says_what_is_wrong_before_starting(tmp_path, cache, env, says):
+    env = {k: v.format(tmp=tmp_path, here=HERE) for k, v in env.items()}
+    says = says.format(tmp=tmp_path)
+    result = run_script(tmp_path / "svc", **env)
+    assert result.returncode == 1, result
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout     # one line
+    assert result.stdout.startswith("listen-clear-cache run: ") and says in result.stdout, \
+        result.stdout
 
 
 def test_daemontools_run_script_warns_about_a_readable_secret(tmp_path, cache):

@@ -5,8 +5,9 @@ import os
 import psycopg2
 import psycopg2.extensions
 
-from conftest import (add_ports, all_queued, create_database, drop_database, load_schema,
-                     queued, sql, touch_port, wait_for)
+from tests.fixtures.common import wait_for
+from tests.fixtures.database import (add_ports, all_queued, create_database, drop_database,
+                                     load_schema, queued, sql, touch_port)
 
 
 # ----------------------------------------------------------------- schema

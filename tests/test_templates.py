@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from conftest import (CLEAR, FRESHPORTS, LISTEN, PAGE, add_ports, all_queued,
-                     assert_one_line_error, clear, free_port, make_page, sql, tree)
+from tests.fixtures.daemon import CLEAR, FRESHPORTS, LISTEN, assert_one_line_error, clear
+from tests.fixtures.database import add_ports, all_queued, sql
+from tests.fixtures.files import PAGE, make_page, tree
+from tests.fixtures.proxy import free_port
 
 
 # ------------------------------------------------------------ page templates

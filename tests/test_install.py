@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CLEAR, HERE, LISTEN, add_ports, copy_checkout, libpq_env, make_page,
-                      require, sql, touch_port, typed, wait_for)
+from tests.fixtures.common import HERE, copy_checkout, require, typed, wait_for
+from tests.fixtures.daemon import clean_env, CLEAR, LISTEN
+from tests.fixtures.database import add_ports, libpq_env, sql, touch_port
+from tests.fixtures.files import make_page
 
 
 def test_both_scripts_say_one_version():
@@ -86,7 +88,7 @@ def test_the_installed_daemon_clears_a_page_with_the_installed_clearer(installed
                                                                        tmp_path):
     add_ports(db, "www/a")
     log = tmp_path / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEAR_CACHE_")}
+    env = clean_env()
     with log.open("w") as out:
         proc = subprocess.Popen([str(installed / "listen_clear_cache"), "-v", "--dsn", db,
                                  "--cache-dir", str(cache), "--again-after", "0"],

@@ -1,6 +1,5 @@
 """clear_cache.py --check, the monitoring plugin."""
 
-import os
 import re
 import signal
 import subprocess
@@ -10,24 +9,12 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from conftest import CLEAR, all_queued, backends, check, wait_for
+from tests.fixtures.common import wait_for
+from tests.fixtures.daemon import clean_env, CLEAR, check
+from tests.fixtures.database import all_queued, backends, queue_quietly
 
 
 # -------------------------------------------------------- the monitoring check
-
-def queue_due_ago(dsn, seconds, consumer=""):
-    """Queue a row that fell due seconds ago, with no NOTIFY to clear it."""
-    conn = psycopg2.connect(dsn)
-    with conn, conn.cursor() as cur:
-        cur.execute("ALTER TABLE ports_cache_clearing DISABLE TRIGGER"
-                    " ports_cache_clearing_notify")
-        cur.execute("INSERT INTO ports_cache_clearing (category, port, consumer, due_at)"
-                    " VALUES ('www', 'old', %s, now() - %s * interval '1 s')",
-                    (consumer, seconds))
-        cur.execute("ALTER TABLE ports_cache_clearing ENABLE TRIGGER"
-                    " ports_cache_clearing_notify")
-    conn.close()
-
 
 def test_check_reports_ok_warning_and_critical(db, cache, daemon):
     result = check(dsn=db)
@@ -41,7 +28,7 @@ def test_check_reports_ok_warning_and_critical(db, cache, daemon):
     assert result.returncode == 0, result
     assert result.stdout == ("CLEAR_CACHE OK - 0 rows due, oldest due 0 s, 1 listener |"
                              " due=0 oldest=0s;60;300 listeners=1\n")
-    queue_due_ago(db, 90)
+    queue_quietly(db, "www", "old", ago=90)
     result = check(dsn=db)
     assert result.returncode == 1, result
     assert re.match(r"CLEAR_CACHE WARNING - 1 row due, oldest due 9\d s", result.stdout)
@@ -88,7 +75,7 @@ def test_every_usage_error_of_check_is_unknown_on_stdout(db, args):
 
 
 def test_an_abbreviated_check_is_still_a_check(db):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEAR_CACHE_")}
+    env = clean_env()
     result = subprocess.run([sys.executable, CLEAR, "--chec", "--dsn", db, "--crit", "soon"],
                             env=env, capture_output=True, text=True, timeout=60)
     one_line_on_stdout(result, 3)
@@ -102,7 +89,7 @@ def test_check_without_a_consumer_checks_every_registered_one(db, cache, daemon,
         daemons[name].wait_ready()
     assert one_line_on_stdout(check(dsn=db), 0).startswith(
         "CLEAR_CACHE OK - 0 rows due, oldest due 0 s, 2 listeners |")
-    queue_due_ago(db, 90, "web1")
+    queue_quietly(db, "www", "old", "web1", ago=90)
     line = one_line_on_stdout(check(dsn=db), 1)
     assert "; web1: oldest due 9" in line and "web2" not in line.split("|")[0], line
     daemons["web2"].signal(signal.SIGTERM)

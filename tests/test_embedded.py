@@ -17,11 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psycopg2
 import pytest
 
-from conftest import (alive, copy_checkout, make_pg, require, server_location, sql, typed,
-                      wait_for)
+from tests.fixtures.common import copy_checkout, make_pg, require, typed, wait_for
+from tests.fixtures.daemon import alive
+from tests.fixtures.database import server_location, sql
 
 VENV = str(Path(sys.executable).parent.parent)      # the one this suite runs in
 USER = pwd.getpwuid(os.getuid()).pw_name            # and so the database libpq's defaults name

@@ -17,10 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cache_clearing.templates import valid_name
-from conftest import (waiting_clearer, warm_backends, add_ports, assert_one_line_error,
-                     clear, clearer_children, drop_database, free_port,
-                     load_schema, make_page, make_pg, queued, reliability, require, server_bindir,
-                     server_location, sql, tcp_dsn, touch_port, tree, wait_for)
+from tests.fixtures.common import make_pg, reliability, wait_for
+from tests.fixtures.daemon import (assert_one_line_error, clear, clearer_children,
+                                   waiting_clearer, warm_backends)
+from tests.fixtures.database import (add_ports, drop_database, load_schema, queued,
+                                     server_bindir, sql, tcp_dsn, touch_port)
+from tests.fixtures.files import make_page, tree
+from tests.fixtures.proxy import free_port
 
 
 # ------------------------------------------- reliability (make reliability)
@@ -313,68 +316,6 @@ def test_failover_to_a_promoted_standby(cluster, cache, daemon, figures):
     figures["failover: primary stopped (immediate), standby promoted"] = {
         "committed": 2, "cleared": 2, "wrongly deleted": 0, "restarts survived": 1,
         "reconnect s": "%.1f" % took, "notes": "from promotion to listening; two-host DSN"}
-
-
-class Bouncer:
-    """A real PgBouncer in front of the local PostgreSQL, run as postgres."""
-
-    def __init__(self, dsn, mode):
-        self.root = root = Path(tempfile.mkdtemp(prefix="lcc-bouncer-"))
-        self.port = free_port()
-        user = sql(dsn, "SELECT current_user")[0][0]
-        self.dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
-        (root / "userlist.txt").write_text('"%s" ""\n' % user)
-        (root / "pgbouncer.ini").write_text(
-            "[databases]\n* = host=%s port=%d\n[pgbouncer]\n"
-            "listen_addr = 127.0.0.1\nlisten_port = %d\nunix_socket_dir =\n"
-            "auth_type = trust\nauth_file = %s/userlist.txt\npool_mode = %s\n"
-            "admin_users = %s\nlogfile = %s/pgbouncer.log\n"
-            % (server_location(dsn) + (self.port, root, mode, user, root)))
-        self.as_owner = make_pg.as_account()     # PgBouncer refuses to run as root
-        if self.as_owner:
-            for path in (root, root / "userlist.txt", root / "pgbouncer.ini"):
-                os.chown(path, self.as_owner["user"], self.as_owner["group"])
-        self.dsn = "host=127.0.0.1 port=%d user=%s dbname=%s" % (self.port, user, self.dbname)
-        self.admin = "host=127.0.0.1 port=%d user=%s dbname=pgbouncer" % (self.port, user)
-        self.start()
-
-    def start(self):
-        require(shutil.which("pgbouncer"), "PgBouncer", "apt-get install pgbouncer")
-        self.proc = subprocess.Popen(["pgbouncer", str(self.root / "pgbouncer.ini")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     **self.as_owner)
-        wait_for(self.answers, what="PgBouncer to accept connections")
-
-    def answers(self):
-        try:
-            sql(self.admin, "SHOW VERSION")
-            return True
-        except psycopg2.OperationalError:
-            return False
-
-    def stop(self):
-        """SIGTERM: immediate shutdown (SIGINT would wait for every session)."""
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-@pytest.fixture
-def bouncer(db):
-    """Start PgBouncers in a given pool mode; stop them at the end."""
-    started = []
-
-    def start(mode):
-        b = Bouncer(db, mode)
-        started.append(b)
-        return b
-    yield start
-    for b in started:
-        b.close()
 
 
 @reliability

@@ -4,8 +4,10 @@ import os
 import signal
 from pathlib import Path
 
-from conftest import (add_ports, alive, clearer_children, make_page, queued, sql, touch_port,
-                     wait_for, waiting_clearer, warm_backends)
+from tests.fixtures.common import wait_for
+from tests.fixtures.daemon import alive, clearer_children, waiting_clearer, warm_backends
+from tests.fixtures.database import add_ports, queued, sql, touch_port
+from tests.fixtures.files import make_page
 
 
 # ------------------------------------------------------- the warm clearer

@@ -10,9 +10,11 @@ import psycopg2.extensions
 import pytest
 
 from cache_clearing.queues import lock_timeout
-from conftest import (CLEAR, PAGE, add_ports, assert_one_line_error, clear, libpq_env,
-                     make_page, make_undeletable, queued, sql, touch_port, tree, wait_for,
-                     waiting_on_lock)
+from tests.fixtures.common import wait_for
+from tests.fixtures.daemon import CLEAR, assert_one_line_error, clear
+from tests.fixtures.database import (add_ports, libpq_env, queued, sql, touch_port,
+                                     waiting_on_lock)
+from tests.fixtures.files import PAGE, make_immutable, make_page, tree
 
 
 # ------------------------------------------------------------ the clearer
@@ -192,7 +194,7 @@ def test_symlinked_page_goes_as_a_link(db, cache, outside):
 def test_undeletable_file_keeps_its_port_queued(db, cache):
     add_ports(db, "www/stuck", "www/fine")
     stuck, fine = make_page(cache, "www/stuck"), make_page(cache, "www/fine")
-    undo = make_undeletable(stuck)
+    undo = make_immutable(stuck)
     try:
         result = clear(dsn=db, cache=cache)
     finally:
@@ -212,7 +214,7 @@ def test_a_large_batch_is_cleared_in_parts_and_each_failed_port_stays_queued(db,
     ports = sorted(sql(db, "SELECT category, name FROM ports"))
     pages = [make_page(cache, "%s/%s" % port) for port in ports]
     stuck = [ports[0], ports[2000], ports[-1]]   # in the first part, a middle one, the last
-    undo = [make_undeletable(cache / c / p / PAGE) for c, p in stuck]
+    undo = [make_immutable(cache / c / p / PAGE) for c, p in stuck]
     try:
         result = clear(dsn=db, cache=cache)
     finally:

@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from conftest import HERE, clear, create_database, drop_database, sql, wait_for
+from tests.fixtures.common import HERE, wait_for
+from tests.fixtures.daemon import clear
+from tests.fixtures.database import create_database, drop_database, sql
 
 CONTRIB = HERE / "contrib" / "freshports"
 SITE = (HERE / "contrib" / "freshports" / "subset.sql").read_text()

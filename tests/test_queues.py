@@ -9,9 +9,11 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from conftest import (CLEAR, LISTEN, SCHEMA, add_ports, assert_one_line_error, clear,
-                      create_database, drop_database, free_port, make_page, sql,
-                      wait_for)
+from tests.fixtures.common import SCHEMA, wait_for
+from tests.fixtures.daemon import clean_env, CLEAR, LISTEN, assert_one_line_error, clear
+from tests.fixtures.database import add_ports, create_database, drop_database, sql
+from tests.fixtures.files import make_page
+from tests.fixtures.proxy import free_port
 
 
 @pytest.fixture
@@ -71,8 +73,13 @@ def test_a_unique_key_of_key_columns_only_is_refused(db, constraint, named):
 
 
 def test_a_unique_key_with_a_defaulted_column_is_fine(queues):
-    # q_dates has PRIMARY KEY (id), a serial: each row its own.
+    # q_dates has PRIMARY KEY (id), a serial: each row its own, so the same
+    # day queued twice is two rows, and making it a queue again keeps both.
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30'), ('2026-11-30')")
     sql(queues, "SELECT cache_clearing_queue('q_dates')")
+    assert sql(queues, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'q_dates'::regclass") == [
+        ("q_dates_notify",)]
+    assert sql(queues, "SELECT day::text FROM q_dates") == [("2026-11-30",), ("2026-11-30",)]
 
 
 INCOMPATIBLE = """
@@ -387,7 +394,7 @@ def test_check_covers_every_queue(queues, cache, tmp_path, daemon):
     sql(queues, "ALTER TABLE q_dates DISABLE TRIGGER q_dates_notify")
     sql(queues, "INSERT INTO q_dates (day, due_at) VALUES ('2026-11-30', now() - interval '100 s')")
     sql(queues, "ALTER TABLE q_dates ENABLE TRIGGER q_dates_notify")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEAR_CACHE_")}
+    env = clean_env()
     result = subprocess.run([sys.executable, CLEAR, "--check", "--dsn", queues, "--config",
                              config], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result      # no listener, and 100 s old

@@ -7,8 +7,10 @@ import psycopg2.errors
 import psycopg2.extensions
 import pytest
 
-from conftest import (GRANTS, add_ports, all_queued, check, clear, make_page, queued, sql,
-                     touch_port, wait_for)
+from tests.fixtures.common import wait_for
+from tests.fixtures.daemon import check, clear
+from tests.fixtures.database import GRANTS, add_ports, all_queued, queued, sql, touch_port
+from tests.fixtures.files import make_page
 
 
 # ---------------------------------------------------------- least privilege

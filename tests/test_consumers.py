@@ -8,8 +8,10 @@ import sys
 import psycopg2
 import pytest
 
-from conftest import (CLEAR, LISTEN, add_ports, all_queued, assert_one_line_error, clear, make_page, queued,
-                     sql, touch_port, wait_for)
+from tests.fixtures.common import wait_for
+from tests.fixtures.daemon import CLEAR, LISTEN, assert_one_line_error, clear
+from tests.fixtures.database import add_ports, all_queued, queued, sql, touch_port
+from tests.fixtures.files import make_page
 
 
 # ------------------------------------------------ several web servers
