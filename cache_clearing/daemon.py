@@ -298,8 +298,6 @@ class Daemon:
         self.stopping = False
         self.wakeup = None
 
-    # ------------------------------------------------------------ the loop
-
     def run(self):
         """The main loop; returns the exit status."""
         self.install_signals()
@@ -357,8 +355,6 @@ class Daemon:
         reading, writing = (([], conn) if self.step and self.writing else (conn, []))
         readable, writable, _ = select.select([self.wakeup] + reading, writing, [], timeout)
         return bool(conn) and (conn[0] in readable or conn[0] in writable)
-
-    # --------------------------------------------------- the connection
 
     def connect(self):
         """Connect, then LISTEN: the steps "connect" and "listen"."""
@@ -474,8 +470,6 @@ class Daemon:
         self.conn = self.cursor = self.step = None
         self.writing = False
 
-    # ------------------------------------------------------- the news
-
     def read_news(self):
         """Read what the server sent; what its notifications mean to this consumer.
 
@@ -504,8 +498,6 @@ class Daemon:
             self.want_run(time.monotonic(), changes=True)
         elif news == "look":
             self.look_at = 0.0
-
-    # ------------------------------------------------------- the queue
 
     def look(self, heartbeat=False):
         """Ask when the earliest row falls due (the step "look"), checking the queues first
@@ -556,8 +548,6 @@ class Daemon:
                 " each heartbeat meanwhile")
         self.look_at = NEVER
         self.want_run(now, changes=announced or heard is not None, news_at=heard)
-
-    # --------------------------------------------------------- the runs
 
     def want_run(self, now, changes, news_at=None):
         """Ask for a run; a change's run waits as start_time() says."""
@@ -611,8 +601,6 @@ class Daemon:
         delay = self.retry.failed()
         self.wanted_at, self.gated, self.changes = time.monotonic() + delay, False, False
         log.error("%s; retrying in %.1f s", reason, delay)
-
-    # ------------------------------------------------------- signals
 
     def install_signals(self):
         """Let signals and child exits wake select() through a pipe."""
