@@ -22,6 +22,21 @@ CREATE TABLE IF NOT EXISTS cache_consumers (
     name text PRIMARY KEY CHECK (name NOT IN ('', 'later'))
 );
 
+-- Keys whose pages or command keep failing.  The daemon's clearer queues a
+-- failed key again, due after a backoff of its own (0.5 s doubling to a
+-- minute), so that it holds up no other change; here it counts the attempts
+-- and keeps when a line last said so, so that the log stays calm across its
+-- runs.  A key cleared at last leaves it.  --check reads it.
+CREATE TABLE IF NOT EXISTS cache_clearing_failures (
+    queue    text NOT NULL,
+    consumer text NOT NULL,
+    key      text NOT NULL,
+    since    timestamptz NOT NULL DEFAULT now(),
+    attempts integer NOT NULL DEFAULT 1,
+    said_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, consumer, key)
+);
+
 -- A queue's keys: its columns without a default, an identity or a generation
 -- expression.  The clearer's placeholders name them; a re-clear copies them
 -- and lets the defaults fill the rest.
@@ -246,3 +261,4 @@ COMMIT;
 --   GRANT SELECT, INSERT, DELETE ON ports_cache_clearing TO freshports_cache;
 --   GRANT USAGE ON SEQUENCE ports_cache_clearing_id_seq TO freshports_cache;
 --   GRANT SELECT ON cache_consumers TO freshports_cache;
+--   GRANT SELECT, INSERT, UPDATE, DELETE ON cache_clearing_failures TO freshports_cache;

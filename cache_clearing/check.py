@@ -9,7 +9,7 @@ Changes nothing, and needs no cache directory.
 
 from .config import Parser, add_common_options, load_config, seconds
 from .errors import (DATABASE_ERROR, ConfigError, UsageError, count, db_error, psycopg2,
-                     require_psycopg2)
+                     require_psycopg2, cut)
 from .queues import (REGISTERED, UNREGISTERED, connect, daemon_name, union,
                      unregistered_reason)
 
@@ -25,6 +25,9 @@ CHECK_QUERY = (
     " FROM unnest(%s::text[], %s::text[]) AS c(name, daemon)"
     " LEFT JOIN ({}) q ON q.consumer = c.name AND q.due_at <= now()"
     " GROUP BY c.name, c.daemon ORDER BY c.name")
+# The key failing longest, of any of these consumers: which, and for how long.
+FAILING_QUERY = ("SELECT queue, key, EXTRACT(epoch FROM now() - since)::float8"
+                 " FROM cache_clearing_failures WHERE consumer = ANY (%s) ORDER BY since LIMIT 1")
 
 
 def add_options(parser):
@@ -63,16 +66,17 @@ def main(argv=None):
     try:
         config = load_config(args, cache=False)
         require_psycopg2()
-        rows, unregistered = read_status(config)
+        rows, unregistered, failing = read_status(config)
     except ConfigError as e:
         return report(UNKNOWN, str(e))
     except DATABASE_ERROR as e:
         return report(UNKNOWN, db_error(e))
-    return report(*judge(rows, unregistered, config.consumer, args.warn, args.crit))
+    return report(*judge(rows, unregistered, failing, config.consumer, args.warn, args.crit))
 
 
 def read_status(config):
-    """(consumer, rows due, age of the oldest, listeners) per consumer; is it unregistered?"""
+    """(consumer, rows due, age of the oldest, listeners) per consumer; is it unregistered?
+    and the key failing longest, (queue, key, seconds), or None."""
     conn = connect(config.dsn, connect_timeout=10)
     try:
         with conn.cursor() as cur:
@@ -85,13 +89,15 @@ def read_status(config):
                 consumers = [name for name, in cur] or [""]
             cur.execute(psycopg2.sql.SQL(CHECK_QUERY).format(union(config.queues)),
                         [consumers, [daemon_name(c) for c in consumers]])
-            return cur.fetchall(), unregistered
+            rows = cur.fetchall()
+            cur.execute(FAILING_QUERY, [consumers])
+            return rows, unregistered, cur.fetchone()
     finally:
         conn.close()
 
 
-def judge(rows, unregistered, consumer, warn, crit):
-    """(status, text) of the rows read_status() found."""
+def judge(rows, unregistered, failing, consumer, warn, crit):
+    """(status, text) of what read_status() found."""
     worst, trouble = OK, []
     for name, due, oldest, listeners in rows:
         status = (CRITICAL if not listeners or oldest >= crit
@@ -103,6 +109,9 @@ def judge(rows, unregistered, consumer, warn, crit):
     if unregistered:
         worst = CRITICAL
         trouble.append(unregistered_reason(consumer))
+    if failing and failing[2] >= warn:
+        worst = max(worst, CRITICAL if failing[2] >= crit else WARNING)
+        trouble.append("%s key %s failing for %d s" % (failing[0], cut(failing[1]), failing[2]))
     due = sum(r[1] for r in rows)
     oldest = max(r[2] for r in rows)
     listeners = sum(r[3] for r in rows)

@@ -30,15 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from . import check
 from .config import (DEFAULT_GIVE_UP, DEFAULT_QUEUE, Parser, add_common_options, env_flag,
                      load_config, seconds, seconds_setting, setup_logging)
-from .errors import (DATABASE_ERROR, ConfigError, UsageError, count, db_error, one_line,
-                     psycopg2, require_psycopg2)
+from .errors import (DATABASE_ERROR, RETRY_BACKOFF, Backoff, ConfigError, UsageError, count,
+                     cut, db_error, one_line, psycopg2, require_psycopg2, shown)
 from .pages import Cache, open_cache_dir
-from .queues import (NO_IDLE_TIMEOUTS, check_consumer, connect, lock_timeout,
-                     read_keys, select_due, update_queues)
+from .queues import (FAILING, NO_IDLE_TIMEOUTS, check_consumer, connect, key_text,
+                     lock_timeout, read_any_value, read_keys, record_failures, select_due,
+                     update_queues)
 
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
 RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 WARM_NAME = "clear_cache.py (warm)"     # application_name of the daemon's waiting clearer
+KEY_BACKOFF = Backoff(*RETRY_BACKOFF)   # a failing key's own
 
 log = logging.getLogger("clear_cache")
 
@@ -69,9 +71,10 @@ def main(argv=None):
         started = time.monotonic()
         # Opened only now: the operator may have swapped it while we waited.
         cache = Cache(open_cache_dir(config.cache_dir, write=not args.dry_run),
-                      config.cache_dir, args.dry_run)
+                      config.cache_dir, args.dry_run,
+                      logging.DEBUG if args.for_daemon else logging.ERROR)
         rows, failed = ((0, cache.clear(items, targets, commands)) if by_hand
-                        else flush_queue(config, cache, give_up, **ahead))
+                        else flush_queue(config, cache, give_up, args.for_daemon, **ahead))
     except ConfigError as e:
         log.error("%s", e)
         return 2
@@ -82,9 +85,11 @@ def main(argv=None):
     log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
              "dry run: " if args.dry_run else "", count(len(cache.cleared), noun),
              count(rows, "row"), count(cache.files, "file"),
-             ", %s left queued" % count(len(failed), noun) if failed else "",
+             ", %s %s" % (count(len(failed), noun), "retried alone" if args.for_daemon
+                          else "left queued") if failed else "",
              (time.monotonic() - started) * 1000)
-    return 1 if failed else 0
+    # The daemon's runs go on: each failed key is queued again, to be retried alone.
+    return 1 if failed and not args.for_daemon else 0
 
 
 def build_parser():
@@ -107,6 +112,8 @@ def build_parser():
     # The daemon's business: connect, then wait for a byte on stdin before
     # the run; end of file: exit 0, no run.
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    # The daemon's runs: a failed key is retried alone, on a backoff of its own.
+    parser.add_argument("--for-daemon", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -123,15 +130,17 @@ def keys_by_hand(config, table, arguments):
     else:
         keyed = [(" ".join(arguments), dict(value_argument(a) for a in arguments))]
     items, targets, commands = [], {}, {}
+    unusable = Unusable()
     for text, values in keyed:
         missing = queue.placeholders() - set(values)
         if missing:
             raise ConfigError("--queue %s: give %s=VALUE too" % (table, sorted(missing)[0]))
         item = index, tuple(sorted(values.items()))
-        if not file_item(targets, commands, item, queue, values):
-            raise ConfigError("not %s the templates of %s can use: %r" % (
-                "values" if table else "a CATEGORY/PORT", queue.table, text))
+        if not unusable.file(targets, commands, item, queue, values):
+            raise ConfigError("not %s the templates of %s can use: %s" % (
+                "values" if table else "a CATEGORY/PORT", queue.table, shown(text)))
         items.append(item)
+    unusable.say(dry_run=False)
     return items, targets, commands
 
 
@@ -146,19 +155,54 @@ def value_argument(arg):
         return name, value
 
 
-def file_item(targets, commands, item, queue, values):
-    """File what item's values name: {Target: the items naming it}, {item: (argv, timeout)}.
+class Unusable:
+    """Files what each item's values name, and says once a run what they could not name.
 
-    False, filing nothing, if a value cannot be used.
+    A value a page template (or the command) cannot use leaves that page out,
+    not the item's others; an item whose values nothing can use is invalid,
+    and its rows go.  The log stays bounded: a line per queue and template,
+    with a count and the first few keys.
     """
-    found, argv = queue.targets(values), queue.argv(values)
-    if found is None or argv is None:
-        return False
-    for target in found:
-        targets.setdefault(target, []).append(item)
-    if argv:
-        commands[item] = argv, queue.timeout
-    return True
+
+    SHOWN = 3
+
+    def __init__(self):
+        self.invalid = {}       # table -> [how many keys, the first few]
+        self.partial = {}       # (table, template text) -> [how many keys, the first few]
+
+    def file(self, targets, commands, item, queue, values):
+        """File {Target: the items naming it} and {item: (argv, timeout)}; False if invalid."""
+        found, pages = queue.targets(values)
+        argv = queue.argv(values)
+        for target in found:
+            targets.setdefault(target, []).append(item)
+        if argv:
+            commands[item] = argv, queue.timeout
+        left_out = [page.text for page in pages] + (["command"] if argv is None else [])
+        if len(left_out) == len(queue.pages) + bool(queue.command):
+            self.note(self.invalid, queue.table, values)
+            return False
+        for what in left_out:
+            self.note(self.partial, (queue.table, what), values)
+        return True
+
+    def note(self, found, where, values):
+        seen = found.setdefault(where, [0, []])
+        seen[0] += 1
+        if len(seen[1]) < self.SHOWN:
+            seen[1].append(", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
+
+    def say(self, dry_run):
+        for table, (n, first) in self.invalid.items():
+            log.warning("%s: %s with a value no page can use, %s: %s", table, count(n, "key"),
+                        "would be deleted" if dry_run else "deleted unused", self.listed(n, first))
+        for (table, what), (n, first) in self.partial.items():
+            log.warning("%s: %s %s cannot use the values of %s, its others are cleared: %s",
+                        table, "the" if what == "command" else "template", shown(what),
+                        count(n, "key"), self.listed(n, first))
+
+    def listed(self, n, first):
+        return "; ".join(first) + ("; and %d more" % (n - len(first)) if n > len(first) else "")
 
 
 class GiveUp:
@@ -244,7 +288,7 @@ def connect_ahead(config, ahead):
             conn.close()
 
 
-def flush_queue(config, cache, give_up, conn=None, layout=None):
+def flush_queue(config, cache, give_up, alone=False, conn=None, layout=None):
     """Clear every queue's due keys in one transaction; return (rows deleted, failed keys).
 
     conn, if given, was opened before the run was asked for; should it turn
@@ -264,7 +308,8 @@ def flush_queue(config, cache, give_up, conn=None, layout=None):
                 with conn.cursor() as cur:
                     layout = layout or read_keys(cur, config.queues)
                     try:
-                        return clear_snapshot(cur, cache, config, layout, give_up.answered)
+                        return clear_snapshot(cur, cache, config, layout, give_up.answered,
+                                              alone)
                     except BaseException:
                         roll_back(cur)
                         raise
@@ -294,15 +339,20 @@ def roll_back(cur):
         pass
 
 
-def clear_snapshot(cur, cache, config, layout, answered):
-    """Clear the keys due in this transaction's snapshot, delete their rows, queue re-clears."""
+def clear_snapshot(cur, cache, config, layout, answered, alone=False):
+    """Clear the keys due in this transaction's snapshot, delete their rows, queue re-clears.
+
+    alone: a failed key is queued again, to be retried on a backoff of its own.
+    """
     # The first answer proves the server reachable (no paused pooler): a cheap
     # statement, so that the deadline never cuts short the SELECT of a large
     # backlog.  A lock not granted within give_up fails the run: it is retried.
-    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
-                [lock_timeout(config.give_up)])
+    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %(lock)s; "
+                + FAILING, {"lock": lock_timeout(config.give_up), "c": config.consumer})
+    failing = cur.fetchone()[0]     # some key was failing: the cleared ones' records go
     answered()
     # Deduplicate in the database: a backlog can hold a million rows.
+    read_any_value(cur)
     cur.execute(select_due(layout), {"c": config.consumer})
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
@@ -311,14 +361,12 @@ def clear_snapshot(cur, cache, config, layout, answered):
         item = layout.item(row)
         changed[item] = changed.get(item, False) or not row[1]
     targets, commands = {}, {}
+    unusable = Unusable()
     for item in list(changed):
         queue, values = layout.queues[item[0]], layout.values(item)
-        if not file_item(targets, commands, item, queue, values):
-            # It can never name a cache entry, so it goes with the batch.
-            log.warning("%s: invalid name %s, %s", queue.table, ", ".join(
-                "%s=%r" % kv for kv in values.items()), "would be deleted" if cache.dry_run
-                else "deleted unused")
-            del changed[item]
+        if not unusable.file(targets, commands, item, queue, values):
+            del changed[item]   # it can never name a cache entry: it goes with the batch
+    unusable.say(cache.dry_run)
     if cache.dry_run:
         failed = cache.clear(changed, targets, commands)
         cur.execute("ROLLBACK")
@@ -330,10 +378,36 @@ def clear_snapshot(cur, cache, config, layout, answered):
     # the unlinks overlap.  The pool's exit waits for it: the connection is
     # free again only then.
     with ThreadPoolExecutor(1) as pool:
-        updating = pool.submit(update_queues, cur.connection, changed, config, layout)
+        updating = pool.submit(update_queues, cur.connection, changed, config, layout,
+                               forget=failing)
         failed = cache.clear(changed, targets, commands)
-    rows = updating.result()
+    rows, forgotten = updating.result()
     if failed:
-        rows = update_queues(cur.connection, changed, config, layout, failed)
+        cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
+        retry = retry_alone(cur, cache, config, layout, failed) if alone else None
+        rows, forgotten = update_queues(cur.connection, changed, config, layout, failed, retry,
+                                        forget=failing)
     cur.execute("COMMIT")
+    for table, key, since, attempts in forgotten:
+        log.info("%s %s: cleared, after %s since %s", table, cut(key),
+                 count(attempts, "failed attempt"), since.strftime("%H:%M:%S"))
     return rows, failed
+
+
+def retry_alone(cur, cache, config, layout, failed):
+    """Count each failed key's attempt and say so calmly; {item: seconds to its retry}.
+
+    A failing key is said in one line, then once a minute at most, counting
+    the lines of every clearer: the database keeps when it was last said.
+    """
+    delays = {}
+    for item, (since, attempts, say) in record_failures(cur, config.consumer, layout,
+                                                         failed).items():
+        delays[item] = KEY_BACKOFF.delay(attempts)
+        log.log(logging.ERROR if say else logging.DEBUG,
+                "%s %s failing: %s; retrying it alone in %.1f s%s",
+                layout.queues[item[0]].table, cut(key_text(item[1])),
+                cache.reasons.get(item) or "failed", delays[item],
+                " (since %s, %d attempts)" % (since.strftime("%H:%M:%S"), attempts)
+                if attempts > 1 else "")
+    return delays

@@ -43,9 +43,10 @@ class Queue:
         return {name for t in self.pages + self.command for name in t.names}
 
     def targets(self, values):
-        """The Targets its pages name for the values, or None if a value cannot be used."""
-        targets = [t.expand(values) for t in self.pages]
-        return None if None in targets else targets
+        """The Targets its pages name for the values, and the pages that cannot use them."""
+        expanded = [(page, page.expand(values)) for page in self.pages]
+        return ([target for _, target in expanded if target is not None],
+                [page for page, target in expanded if target is None])
 
     def argv(self, values):
         """Its command for the values (() for none), or None if a value cannot be used."""

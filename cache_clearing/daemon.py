@@ -16,7 +16,6 @@ SIGHUP: run the clearer now.  Exit status 2: a usage or configuration error.
 
 import logging
 import os
-import random
 import select
 import signal
 import subprocess
@@ -24,7 +23,8 @@ import sys
 import time
 
 from .config import Parser, add_common_options, env_flag, load_config, seconds, setup_logging
-from .errors import ConfigError, UsageError, db_error, one_line, psycopg2, require_psycopg2
+from .errors import (RETRY_BACKOFF, Backoff, ConfigError, UsageError, count, db_error, exit_status,
+                     one_line, psycopg2, require_psycopg2)
 from .pages import open_cache_dir
 from .queues import (NO_IDLE_TIMEOUTS, KEYS_QUERY, UNREGISTERED, connect, daemon_name,
                      lock_timeout, take_keys, union, unregistered_reason)
@@ -40,16 +40,19 @@ MAX_DELAY = 1.0
 # Capped low, so that a server that is back (a restart, a promotion, a pooler
 # restart) has the daemon listening within 2.5 s; the log stays calm instead.
 CONNECT_BACKOFF = 0.5, 1.6
-RUN_BACKOFF = 0.5, 60.0
 CALM = 60.0             # seconds between lines about a trouble that lasts
 UNANNOUNCED_EVERY = 3600.0      # seconds between warnings about lost notifications
 RUN_LIMIT = 3600.0      # seconds a clearer may run before it is killed: a backstop
 CHANNEL = "clear_ports_cache"   # schema.sql's NOTIFY
 LATER = "later"         # the payload of a notification about rows due later only
 # Seconds until this consumer's earliest row in any queue falls due (<= 0:
-# due now; NULL: none), and whether nothing can be queued for it.
-LOOK_QUERY = ("SELECT (SELECT EXTRACT(epoch FROM min(due_at) - now())::float8 FROM ({})"
-              " AS q WHERE consumer = %(c)s), " + UNREGISTERED)
+# due now; NULL: none; rows due at infinity never are), how many are due at
+# infinity, and whether nothing can be queued for it.
+LOOK_QUERY = ("SELECT w.wait, w.never, " + UNREGISTERED + " FROM (SELECT"
+              " (EXTRACT(epoch FROM min(due_at) FILTER (WHERE due_at < 'infinity'))"
+              " - EXTRACT(epoch FROM now()))::float8 AS wait,"
+              " count(*) FILTER (WHERE due_at = 'infinity') AS never"
+              " FROM ({}) AS q WHERE consumer = %(c)s) AS w")
 DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later
 LOCK_NOT_AVAILABLE = "55P03"
@@ -108,27 +111,6 @@ def start_time(wanted_at, gated, last_start, news_at):
     return at
 
 
-class Backoff:
-    """Failures in a row, and how long to wait after the last: doubling, capped, jittered."""
-
-    def __init__(self, base, cap):
-        self.base, self.cap = base, cap
-        self.failures = 0
-
-    def failed(self):
-        """Count a failure; return the seconds to wait before the next attempt."""
-        self.failures += 1
-        return min(self.cap, self.base * 2 ** (self.failures - 1)) * random.uniform(0.8, 1.2)
-
-    def reset(self):
-        self.failures = 0
-
-
-def exit_status(code):
-    """A child's exit code as a log says it: '1', or 'signal 9'."""
-    return str(code) if code >= 0 else "signal %d" % -code
-
-
 class Calm:
     """A trouble that lasts: a line once it has happened `after` times, then one a period.
 
@@ -167,14 +149,14 @@ class Clearers:
     """The clear_cache.py processes: at most one run, and one started ahead for the next."""
 
     def __init__(self, config, flags, warm):
-        self.argv = [sys.executable, CLEARER] + flags
+        self.argv = [sys.executable, CLEARER, "--for-daemon"] + flags
         self.env = config.environ()     # secrets go through the environment: ps shows argv
         self.warm = warm
         self.running = None             # the run's process
         self.deadline = NEVER           # when it is killed: a backstop
         self.waiter = None              # started ahead: connected, waiting on its stdin
         self.waiter_at = 0.0            # when the next one may start
-        self.backoff = Backoff(*RUN_BACKOFF)    # waiters lost in a row
+        self.backoff = Backoff(*RETRY_BACKOFF)    # waiters lost in a row
 
     def spawn(self, *args, **kwargs):
         """A new clear_cache.py process."""
@@ -288,11 +270,12 @@ class Daemon:
         self.changes = False            # the wanted run is for changes
         self.last_start = -NEVER        # the start of the latest run for changes
         self.running_changes = False    # the running clearer's run is for changes
-        self.retry = Backoff(*RUN_BACKOFF)      # failed runs in a row
+        self.retry = Backoff(*RETRY_BACKOFF)      # failed runs in a row
         # Troubles that last, said calmly.
         self.outage = Calm()            # the connection's
         self.unregistered = Calm()      # nothing can be queued for this consumer
         self.misconfigured = Calm()     # a queue of the configuration file is not as it says
+        self.never_due = Calm(level=logging.WARNING)    # rows due at infinity
         self.unannounced = Calm(UNANNOUNCED_EVERY, logging.WARNING, after=2)
         self.signals = set()
         self.stopping = False
@@ -523,7 +506,7 @@ class Daemon:
 
     def looked(self):
         """Run the clearer now, or set the timer for the earliest row."""
-        wait, unregistered = self.cursor.fetchone()
+        wait, never, unregistered = self.cursor.fetchone()
         now = self.heard_at
         if not self.idle():
             return      # a run is coming anyway, and it looks again after
@@ -535,6 +518,11 @@ class Daemon:
             self.look_at = NEVER
             return
         self.unregistered.ended("consumer %r is registered" % self.config.consumer)
+        if never:
+            self.never_due.failed("%s due at infinity, which is never: no run clears them"
+                                  % count(never, "row"))
+        else:
+            self.never_due.ended("no row is due at infinity any more")
         if wait is None or wait > 0:
             self.look_at = NEVER if wait is None else now + wait + DUE_MARGIN
             log.debug("queue: %s", "nothing due" if wait is None

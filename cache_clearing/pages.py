@@ -17,7 +17,7 @@ import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor     # not lazily, in the run
 
-from .errors import ConfigError, one_line
+from .errors import ConfigError, exit_status, one_line
 from .templates import Target
 
 UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits on the disk
@@ -71,13 +71,21 @@ def in_this_thread(function, *args):
 class Cache:
     """The cache directory, opened; what one run did to it, over all its attempts."""
 
-    def __init__(self, cache_fd, cache_dir, dry_run=False):
+    def __init__(self, cache_fd, cache_dir, dry_run=False, failures=logging.ERROR):
         self.cache_fd = cache_fd
         self.cache_dir = cache_dir
         self.dry_run = dry_run
+        self.failures = failures    # the level of a failure's line; the daemon's runs say
+                                    # each failing key calmly instead, with its reason
         # A serialization failure retries the transaction: count over all attempts.
         self.cleared = set()    # the items cleared
         self.files = 0          # the files removed
+        self.reasons = {}       # a target or an item that failed -> why, its first failure
+
+    def fail(self, what, text):
+        """Say a failure at its level, and keep the first reason for what failed."""
+        log.log(self.failures, "%s", text)
+        self.reasons.setdefault(what, text)
 
     def clear(self, items, targets, commands):
         """Clear {Target: the items naming it}, then run {item: (argv, timeout)}.
@@ -87,7 +95,7 @@ class Cache:
         """
         failed = self.clear_pages(targets)
         for item, (argv, timeout) in commands.items():
-            if item not in failed and not self.run(argv, timeout):
+            if item not in failed and not self.run(item, argv, timeout):
                 failed.add(item)
         self.cleared.update(item for item in items if item not in failed)
         return [item for item in items if item in failed]
@@ -116,10 +124,16 @@ class Cache:
             self.files += files
             for target in bad:
                 failed.update(targets[target])
+                # Its own failure, else the directory above it that could not be opened.
+                reason = self.reasons.get(target) or next(
+                    (self.reasons[target.dirs[:n]] for n in range(len(target.dirs), 0, -1)
+                     if target.dirs[:n] in self.reasons), None)
+                for item in targets[target]:
+                    self.reasons.setdefault(item, reason)
         return failed
 
-    def run(self, argv, timeout):
-        """Run a queue's command, never through a shell; False if it failed."""
+    def run(self, item, argv, timeout):
+        """Run item's command, never through a shell; False if it failed."""
         if self.dry_run:
             print("would run: " + shlex.join(argv))
             return True
@@ -128,14 +142,14 @@ class Cache:
             code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
                                   env=env, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            log.error("command %s: still running after %g s: killed", shlex.join(argv), timeout)
+            self.fail(item, "command %s: still running after %g s: killed"
+                      % (shlex.join(argv), timeout))
             return False
         except OSError as e:
-            log.error("command %s: %s", shlex.join(argv), e.strerror)
+            self.fail(item, "command %s: %s" % (shlex.join(argv), e.strerror))
             return False
         if code:
-            log.error("command %s: exited with %s", shlex.join(argv),
-                      code if code > 0 else "signal %d" % -code)
+            self.fail(item, "command %s: exited with %s" % (shlex.join(argv), exit_status(code)))
         return code == 0
 
     def clear_targets(self, targets):
@@ -186,7 +200,7 @@ class Cache:
             log.warning("%s: %s, not entered", self.path(*dirs), e.strerror)
             return None, True
         except OSError as e:
-            log.error("cannot open %s: %s", self.path(*dirs), e.strerror)
+            self.fail(tuple(dirs), "cannot open %s: %s" % (self.path(*dirs), e.strerror))
             return None, False
 
     def remove(self, dir_fd, target):
@@ -208,7 +222,7 @@ class Cache:
         except FileNotFoundError:
             found = []
         except OSError as e:
-            log.error("cannot read %s: %s", self.path(*dirs, last), e.strerror)
+            self.fail(target, "cannot read %s: %s" % (self.path(*dirs, last), e.strerror))
             return False, 0
         ok = True
         removed = 0
@@ -228,7 +242,7 @@ class Cache:
                             "" if pattern else " (a template ends in /* for its files, or in"
                             " / for the directory itself)")
             except OSError as e:
-                log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
+                self.fail(target, "cannot remove %s: %s" % (self.path(*dirs, name), e.strerror))
                 ok = False
         log.debug("%s: removed %d files", "/".join(dirs + (last,)), removed)
         return ok, removed
@@ -238,17 +252,21 @@ class Cache:
         fd, ok = self.open_dir(parent_fd, dirs + (name,))
         if fd is None:
             return ok, 0
+        inside = Target(dirs + (name,), "*", "*", False)
         try:
-            ok, removed = self.remove(fd, Target(dirs + (name,), "*", "*", False))
+            ok, removed = self.remove(fd, inside)
         finally:
             os.close(fd)
+        if not ok:
+            self.reasons.setdefault(Target(dirs, name, None, True), self.reasons.get(inside))
         if ok and not self.dry_run:
             try:
                 os.rmdir(name, dir_fd=parent_fd)
             except OSError as e:
                 # A renderer writing into it meanwhile, or a subdirectory: it stays.
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                    log.error("cannot remove %s: %s", self.path(*dirs, name), e.strerror)
+                    self.fail(Target(dirs, name, None, True), "cannot remove %s: %s"
+                              % (self.path(*dirs, name), e.strerror))
                     ok = False
         return ok, removed
 

@@ -5,11 +5,13 @@ PostgreSQL reads an unquoted name (folded to lower case) and quoted.
 """
 
 import dataclasses
+import json
 import math
 import os
 import sys
 
 from .errors import ConfigError, psycopg2
+from .templates import Unusable
 
 # This consumer's due rows; now() is the transaction's start, the snapshot's time.
 DUE = "consumer = %(c)s AND due_at <= now()"
@@ -38,7 +40,30 @@ def connect(dsn, **params):
     params = dict(dict(keepalives=1, keepalives_idle=10, keepalives_interval=5,
                        keepalives_count=3, connect_timeout=10,
                        fallback_application_name=os.path.basename(sys.argv[0])), **params)
-    return psycopg2.connect(dsn, **params)
+    conn = psycopg2.connect(dsn, **params)
+    if not params.get("async_") and conn.encoding == "SQLASCII":
+        # The server stores bytes and converts nothing: latin-1 reads any byte
+        # as one character, and writes it back as the same byte.
+        conn.set_client_encoding("LATIN1")
+    return conn
+
+
+def read_any_value(cur):
+    """Make cur give an Unusable for a date or time Python cannot hold (past year 9999,
+    before year 1, +-infinity), instead of failing the whole run."""
+    ext = psycopg2.extensions
+    ext.register_adapter(Unusable, lambda value: ext.QuotedString(value.text))
+    for base in (ext.PYDATE, ext.PYDATETIME, ext.PYDATETIMETZ):
+        def cast(text, cur, base=base):
+            if text is None:
+                return None
+            if text in ("infinity", "-infinity"):
+                return Unusable(text)   # psycopg2 would say 9999-12-31: a page nobody named
+            try:
+                return base(text, cur)
+            except (ValueError, OverflowError):
+                return Unusable(text)
+        ext.register_type(ext.new_type(base.values, base.name, cast), cur)
 
 
 def lock_timeout(seconds):
@@ -74,9 +99,15 @@ def table(name):
 
 
 def union(queues):
-    """SQL for the (consumer, due_at) of every queue's rows."""
+    """SQL for the (consumer, due_at) of every queue's rows.
+
+    A row due at -infinity is due since it was queued (its queued_at, where
+    the queue has one; else now): no age can be told from -infinity.
+    """
     return psycopg2.sql.SQL(" UNION ALL ").join(
-        psycopg2.sql.SQL("SELECT consumer, due_at FROM {}").format(table(queue.table))
+        psycopg2.sql.SQL("SELECT consumer, CASE WHEN due_at > '-infinity' THEN due_at ELSE"
+                         " coalesce((to_jsonb(t) ->> 'queued_at')::timestamptz, now()) END"
+                         " AS due_at FROM {} t").format(table(queue.table))
         for queue in queues)
 
 
@@ -86,6 +117,7 @@ class Layout:
 
     queues: tuple
     keys: tuple     # per queue: ((name, type), ...)
+    raw: bool = False   # an SQL_ASCII database: names are bytes, read as latin-1
 
     def slot(self, index):
         """Where queue index's keys start in a row of select_due()."""
@@ -97,8 +129,12 @@ class Layout:
         return row[0], row[start:start + len(self.keys[row[0]])]
 
     def values(self, item):
-        """{key column: value} of an item."""
-        return dict(zip((name for name, _ in self.keys[item[0]]), item[1]))
+        """{key column: value} of an item, a name in the file system's terms."""
+        values = item[1]
+        if self.raw:    # the bytes the database holds name the file a renderer wrote
+            values = [os.fsdecode(v.encode("latin-1")) if isinstance(v, str) else v
+                      for v in values]
+        return dict(zip((name for name, _ in self.keys[item[0]]), values))
 
 
 def read_keys(cur, queues):
@@ -107,13 +143,14 @@ def read_keys(cur, queues):
     ConfigError for a table that is missing or no queue, or a placeholder
     that names none of its keys: exit 2, with nothing deleted.
     """
+    raw = cur.connection.get_parameter_status("server_encoding") == "SQL_ASCII"
     if all(queue.keys is not None for queue in queues):
-        return Layout(queues, tuple(queue.keys for queue in queues))
+        return Layout(queues, tuple(queue.keys for queue in queues), raw)
     cur.execute(KEYS_QUERY, [[queue.table for queue in queues]])
-    return take_keys(queues, cur.fetchall())
+    return take_keys(queues, cur.fetchall(), raw)
 
 
-def take_keys(queues, rows):
+def take_keys(queues, rows, raw=False):
     """The Layout from KEYS_QUERY's rows, or ConfigError."""
     found = []
     for queue, (exists, is_queue, names, types) in zip(queues, rows):
@@ -127,7 +164,7 @@ def take_keys(queues, rows):
             raise ConfigError("queue %s: placeholder {%s} is not one of its key columns (%s)"
                               % (queue.table, unknown[0], ", ".join(names) or "it has none"))
         found.append(tuple(zip(names, types)))
-    return Layout(tuple(queues), tuple(found))
+    return Layout(tuple(queues), tuple(found), raw)
 
 
 def select_due(layout):
@@ -150,21 +187,24 @@ def select_due(layout):
     return sql.SQL(" UNION ALL ").join(branches)
 
 
-def update_queues(conn, changed, config, layout, failed=()):
-    """Delete the due rows but the failed keys', queue re-clears; return rows deleted.
+def update_queues(conn, changed, config, layout, failed=(), retry=None, forget=False):
+    """Delete the due rows, queue re-clears; return (rows deleted, failures forgotten).
 
     changed: {item: queued by a change, not only by a re-clear}.  Without
     failed keys it first sets the savepoint that undoes it all, should a key
-    fail; with them it goes back to that savepoint first.
+    fail; with them the caller has gone back to it.  A failed key's rows stay
+    as they are (a run by hand), or with retry, {item: seconds}, they go and
+    the key is queued once more, due that much later: it is retried alone.
+    forget: some key was failing, so the records of the keys cleared go.
     """
     sql = psycopg2.sql
     params, failed = {"c": config.consumer}, set(failed)
     rows = 0
     with conn.cursor() as cur:
-        cur.execute("ROLLBACK TO SAVEPOINT snapshot_read" if failed
-                    else "SAVEPOINT snapshot_read")
+        if not failed:
+            cur.execute("SAVEPOINT snapshot_read")
         for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
-            kept = [k for i, k in failed if i == index]
+            kept = [k for i, k in failed if i == index] if retry is None else []
             if kept and not keys:
                 continue        # a queue without keys is one item: it stays whole
             delete = sql.SQL("DELETE FROM {} q WHERE " + DUE).format(table(queue.table))
@@ -182,26 +222,81 @@ def update_queues(conn, changed, config, layout, failed=()):
                      if i == index and change and (i, k) not in failed]
             delay = config.again_after if queue.again_after is None else queue.again_after
             if delay and again:
-                cur.execute(sql.SQL(
-                    "INSERT INTO {} ({}consumer, due_at, reclear) SELECT {}%(c)s,"
-                    " now() + %(delay)s * interval '1 second', true FROM {}").format(
-                        table(queue.table),
-                        sql.Composed([sql.Identifier(name) + sql.SQL(", ") for name, _ in keys]),
-                        sql.SQL("".join("f.k%d, " % i for i in range(len(keys)))),
-                        unnest(keys) if keys else sql.SQL("(SELECT) AS f")),
-                    dict(params, delay=delay, **columns(again, keys)))
-    return rows
+                queue_again(cur, queue, keys, dict(params, reclear=True, **columns(
+                    again, keys, [delay] * len(again))))
+            later = [(k, seconds) for (i, k), seconds in (retry or {}).items() if i == index]
+            if later:
+                queue_again(cur, queue, keys, dict(params, reclear=False, **columns(
+                    [k for k, _ in later], keys, [s for _, s in later])))
+        forgotten = []
+        if forget:
+            cleared = [(i, k) for i, k in changed if (i, k) not in failed]
+            cur.execute(FORGET, dict(params, **failure_keys(layout, cleared)))
+            forgotten = cur.fetchall()
+    return rows, forgotten
 
 
-def unnest(keys):
-    """Parallel typed arrays, one per key column, as f(k0, k1, ...)."""
+def queue_again(cur, queue, keys, params):
+    """Queue the keys of unnest() again, each due its delay later."""
     sql = psycopg2.sql
+    cur.execute(sql.SQL(
+        "INSERT INTO {} ({}consumer, due_at, reclear) SELECT {}%(c)s,"
+        " now() + f.delay * interval '1 second', %(reclear)s FROM {}").format(
+            table(queue.table),
+            sql.Composed([sql.Identifier(name) + sql.SQL(", ") for name, _ in keys]),
+            sql.SQL("".join("f.k%d, " % i for i in range(len(keys)))),
+            unnest(keys, delay=True)), params)
+
+
+def unnest(keys, delay=False):
+    """Parallel typed arrays, one per key column (and the delays), as f(k0, k1, ..., delay)."""
+    sql = psycopg2.sql
+    arrays = [(sql.Placeholder("k%d" % i), kind) for i, (_, kind) in enumerate(keys)]
+    names = ["k%d" % i for i in range(len(keys))]
+    if delay:
+        arrays.append((sql.Placeholder("delay"), "float8"))
+        names.append("delay")
     return sql.SQL("unnest({}) AS f({})").format(
-        sql.SQL(", ").join(sql.Placeholder("k%d" % i) + sql.SQL("::%s[]" % kind)
-                           for i, (_, kind) in enumerate(keys)),
-        sql.SQL(", ".join("k%d" % i for i in range(len(keys)))))
+        sql.SQL(", ").join(p + sql.SQL("::%s[]" % kind) for p, kind in arrays),
+        sql.SQL(", ".join(names)))
 
 
-def columns(keys, queue_keys):
-    """The parameters of unnest(): each key column's values."""
-    return {"k%d" % i: [k[i] for k in keys] for i in range(len(queue_keys))}
+def columns(keys, queue_keys, delays=None):
+    """The parameters of unnest(): each key column's values (and the delays)."""
+    params = {"k%d" % i: [k[i] for k in keys] for i in range(len(queue_keys))}
+    if delays is not None:
+        params["delay"] = delays
+    return params
+
+
+# Keys whose pages or command keep failing, in cache_clearing_failures: since
+# when, how many attempts, and when a line last said so (the clearers are
+# processes of their own: the database keeps the log calm across them).
+FAILING = "SELECT EXISTS (SELECT FROM cache_clearing_failures WHERE consumer = %(c)s)"
+FORGET = ("DELETE FROM cache_clearing_failures WHERE consumer = %(c)s AND (queue, key) IN"
+          " (SELECT * FROM unnest(%(queues)s::text[], %(keys)s::text[]))"
+          " RETURNING queue, key, since, attempts")
+RECORD = ("INSERT INTO cache_clearing_failures AS f (queue, consumer, key)"
+          " SELECT q, %(c)s, k FROM unnest(%(queues)s::text[], %(keys)s::text[]) AS u(q, k)"
+          " ON CONFLICT (queue, consumer, key) DO UPDATE SET attempts = f.attempts + 1,"
+          " said_at = CASE WHEN f.said_at <= now() - interval '60 s' THEN now()"
+          " ELSE f.said_at END"
+          " RETURNING queue, key, since, attempts, said_at = now()")
+
+
+def key_text(keys):
+    """A key as cache_clearing_failures and the log name it: its values, as JSON."""
+    return json.dumps([v if isinstance(v, str) else str(v) for v in keys])
+
+
+def failure_keys(layout, items):
+    """The parameters that name items in cache_clearing_failures."""
+    return {"queues": [layout.queues[i].table for i, _ in items],
+            "keys": [key_text(k) for _, k in items]}
+
+
+def record_failures(cur, consumer, layout, items):
+    """Count a failed attempt of each item: {item: (since, attempts, say it now)}."""
+    cur.execute(RECORD, dict(failure_keys(layout, items), c=consumer))
+    found = {(q, k): rest for q, k, *rest in cur.fetchall()}
+    return {item: found[(layout.queues[item[0]].table, key_text(item[1]))] for item in items}

@@ -27,6 +27,17 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Target = collections.namedtuple("Target", "dirs last pattern directory")
 
 
+class Unusable:
+    """A value the database holds that Python cannot hold (a date past 9999, or
+    before year 1, or +-infinity): it names no page."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
 def valid_name(name):
     """Is name exactly one plain path component?"""
     if name in ("", ".", "..") or UNSAFE.search(name):
@@ -63,7 +74,7 @@ class Fields:
 
     def render(self, value, spec):
         """A placeholder's text, or None when the row's value cannot be used."""
-        if value is None:
+        if value is None or isinstance(value, Unusable):
             return None
         text = str(value)
         if not valid_name(text) if self.path else CONTROL.search(text):
@@ -71,6 +82,8 @@ class Fields:
         if spec:
             try:
                 text = format(value, spec)
+            except OverflowError:
+                return None     # out of the spec's range ({n:c} of a huge n): this value's fault
             except (TypeError, ValueError) as e:
                 self.refuse("{:%s} cannot format %r: %s" % (spec, value, e))
             if CONTROL.search(text) or (self.path and "/" in text):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from cache_clearing.daemon import MAX_DELAY, MIN_GAP, NEVER, QUIET, Backoff, start_time
+from cache_clearing.daemon import MAX_DELAY, MIN_GAP, NEVER, QUIET, start_time
+from cache_clearing.errors import Backoff
 
 
 def test_a_lone_change_starts_at_once():

@@ -279,7 +279,8 @@ def test_a_null_key_is_reported_and_deleted(queues, cache, tmp_path):
     sql(queues, "INSERT INTO q_dates (day) VALUES (NULL)")
     result = clear("--config", config, dsn=queues, cache=cache)
     assert result.returncode == 0, result.stderr
-    assert "q_dates: invalid name day=None, deleted unused" in result.stderr
+    assert "q_dates: 1 key with a value no page can use, deleted unused: day=None" in \
+        result.stderr, result.stderr
     assert sql(queues, "SELECT count(*) FROM q_dates") == [(0,)]
 
 

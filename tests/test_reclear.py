@@ -78,5 +78,6 @@ def test_dry_run_says_invalid_rows_would_be_deleted(db, cache):
     sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('..', 'x')")
     result = clear("--dry-run", dsn=db, cache=cache)
     assert result.returncode == 0, result.stderr
-    assert "invalid name category='..', port='x', would be deleted" in result.stderr
+    assert "1 key with a value no page can use, would be deleted: category='..', port='x'" in \
+        result.stderr, result.stderr
     assert queued(db) == [("..", "x")]

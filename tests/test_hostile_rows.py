@@ -1,0 +1,187 @@
+"""Nothing one row, one file or one writer does stops the rest: values the
+clearer cannot use, names in the database's own bytes, a key that keeps
+failing, times at the ends of the line, and a log that stays bounded."""
+
+import os
+import re
+
+import psycopg2
+import pytest
+
+from tests.fixtures.common import wait_for
+from tests.fixtures.daemon import check, clear
+from tests.fixtures.database import (add_ports, drop_database, load_schema,
+                                     queued, sql, touch_port)
+from tests.fixtures.files import PAGE, make_immutable, make_page
+
+
+@pytest.fixture
+def days(db):
+    """A queue of days and one of numbers beside ports_cache_clearing."""
+    sql(db, "DROP TABLE IF EXISTS q_days, q_nums")
+    sql(db, "CREATE TABLE q_days (day date)")
+    sql(db, "CREATE TABLE q_nums (n bigint)")
+    sql(db, "SELECT cache_clearing_queue('q_days'), cache_clearing_queue('q_nums')")
+    yield db
+    sql(db, "DROP TABLE IF EXISTS q_days, q_nums")
+
+
+def config(tmp_path, text):
+    path = tmp_path / "queues.ini"
+    path.write_text("[ports_cache_clearing]\npages = {category}/{port}/*\n" + text)
+    return str(path)
+
+
+# ------------------------------------------------- values the clearer cannot use
+
+@pytest.mark.parametrize("poison", ["10000-01-01", "0044-03-15 BC", "infinity", "-infinity"])
+def test_a_date_python_cannot_hold_is_reported_and_the_rest_is_cleared(days, cache, tmp_path,
+                                                                       poison):
+    add_ports(days, "www/nginx")
+    nginx = make_page(cache, "www/nginx")
+    fine = make_page(cache, "daily/2026", "2026-11-30.html")
+    sql(days, "INSERT INTO q_days (day) VALUES (%s), ('2026-11-30')", (poison,))
+    result = clear("--config", config(tmp_path, "[q_days]\npages = daily/{day:%Y}/{day}.html\n"),
+                   dsn=days, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    # One line, naming the queue and the value as the database prints it.
+    said = [line for line in result.stderr.splitlines() if "no page can use" in line]
+    assert len(said) == 1 and "q_days:" in said[0] and "day=%s" % poison in said[0], said
+    assert not nginx.exists() and not fine.exists()
+    assert sql(days, "SELECT count(*) FROM q_days WHERE NOT reclear") == [(0,)]
+    # infinity is no day: nothing was named 9999-12-31.
+    assert not (cache / "daily" / "9999").exists()
+
+
+def test_a_value_out_of_a_specs_range_is_reported_and_the_rest_is_cleared(days, cache,
+                                                                         tmp_path):
+    add_ports(days, "www/nginx")
+    nginx = make_page(cache, "www/nginx")
+    fine = make_page(cache, "chars", "A.html")
+    sql(days, "INSERT INTO q_nums (n) VALUES (9999999999), (65)")
+    result = clear("--config", config(tmp_path, "[q_nums]\npages = chars/{n:c}.html\n"),
+                   dsn=days, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "q_nums: 1 key with a value no page can use, deleted unused: n=9999999999" in \
+        result.stderr, result.stderr
+    assert not nginx.exists() and not fine.exists()
+
+
+# ------------------------------------------------------ the database's own bytes
+
+@pytest.fixture
+def sql_ascii(admin_dsn):
+    """A database whose encoding is SQL_ASCII, as FreshPorts' is, with the schema."""
+    name = "lcc_ascii_%d" % os.getpid()
+    drop_database(admin_dsn, name)
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    conn.cursor().execute("CREATE DATABASE %s ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'"
+                          " TEMPLATE template0" % name)
+    conn.close()
+    dsn = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    load_schema(dsn)
+    yield dsn
+    drop_database(admin_dsn, name)
+
+
+def test_on_sql_ascii_a_name_with_high_bytes_names_the_file_with_those_bytes(sql_ascii,
+                                                                            cache):
+    conn = psycopg2.connect(sql_ascii)
+    conn.set_client_encoding("LATIN1")      # the bytes as they are
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO ports (category, name) VALUES ('www', %s), ('www', 'nginx')",
+                    (b"caf\xe9".decode("latin-1"),))
+    conn.close()
+    page = cache / "www" / os.fsdecode(b"caf\xe9") / PAGE   # as a PHP renderer writes it
+    page.parent.mkdir(parents=True)
+    page.write_text("stale")
+    nginx = make_page(cache, "www/nginx")
+    result = clear(dsn=sql_ascii, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists() and not nginx.exists()
+    assert queued(sql_ascii) == []
+
+
+# ------------------------------------------------------ a key that keeps failing
+
+def test_a_failing_key_is_retried_alone_and_the_rest_clears_at_full_speed(db, cache, daemon):
+    add_ports(db, "www/stuck", "www/a", "www/b")
+    d = daemon(cache, "--heartbeat", "60", "--again-after", "0")
+    d.wait_ready()
+    stuck = make_page(cache, "www/stuck")
+    undo = make_immutable(stuck)
+    try:
+        touch_port(db, "www/stuck")
+        d.wait_log(r'ports_cache_clearing \["www", "stuck"\] failing: cannot remove .*; retrying'
+                   r" it alone in")
+        for name in ("www/a", "www/b"):    # not held up by the failing key's backoff
+            page = make_page(cache, name)
+            touch_port(db, name)
+            wait_for(lambda: not page.exists(), timeout=3, what=name + "'s page to go")
+        # Its next attempts come on its own backoff, and say nothing more within the minute.
+        wait_for(lambda: sql(db, "SELECT coalesce(max(attempts), 0)"
+                             " FROM cache_clearing_failures")[0][0] >= 4,
+                 timeout=20, what="four attempts")
+        assert d.count(r"ERROR.*stuck") == 1, d.log()    # once, counting every clearer's
+        assert d.count(r"clearer pid \d+ exited with") == 0, d.log()
+        result = check("--warn", "1", "--crit", "3600", dsn=db)
+        assert result.returncode == 1, result.stdout
+        assert re.search(r'ports_cache_clearing key \["www", "stuck"\] failing for \d+ s',
+                         result.stdout), result.stdout
+    finally:
+        undo()
+    # Its cause fixed, it is cleared at its next retry, and said once.
+    wait_for(lambda: not stuck.exists(), timeout=40, what="the fixed page to go")
+    d.wait_log(r'ports_cache_clearing \["www", "stuck"\]: cleared, after \d+ failed attempts')
+    assert sql(db, "SELECT count(*) FROM cache_clearing_failures") == [(0,)]
+    assert check(dsn=db).returncode == 0
+
+
+def test_by_hand_a_failing_key_stays_due_and_the_run_exits_1(db, cache):
+    add_ports(db, "www/stuck")
+    stuck = make_page(cache, "www/stuck")
+    undo = make_immutable(stuck)
+    try:
+        result = clear(dsn=db, cache=cache)
+    finally:
+        undo()
+    assert result.returncode == 1 and "cannot remove %s" % stuck in result.stderr
+    assert queued(db) == [("www", "stuck")]
+
+
+# ------------------------------------------------------ times at the ends of the line
+
+def test_a_row_due_at_infinity_is_never_due_and_said_calmly(db, cache, daemon):
+    sql(db, "INSERT INTO ports_cache_clearing (category, port, due_at)"
+        " VALUES ('www', 'never', 'infinity')")
+    d = daemon(cache, "--heartbeat", "0.3")
+    d.wait_log(r"1 row due at infinity, which is never")
+    d.wait_log(r"queue: nothing due", 5)    # five looks, a heartbeat apart: one line a minute
+    assert d.count(r"WARNING") == 1, d.log()
+    assert "cannot look at the queue" not in d.log()
+    assert sql(db, "SELECT count(*) FROM ports_cache_clearing") == [(1,)]
+
+
+def test_a_row_due_at_minus_infinity_is_due_since_it_was_queued(db):
+    sql(db, "ALTER TABLE ports_cache_clearing DISABLE TRIGGER ports_cache_clearing_notify")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port, due_at, queued_at)"
+        " VALUES ('www', 'old', '-infinity', now() - interval '90 s')")
+    sql(db, "ALTER TABLE ports_cache_clearing ENABLE TRIGGER ports_cache_clearing_notify")
+    result = check("--warn", "60", dsn=db)
+    assert result.stdout.startswith("CLEAR_CACHE CRITICAL - 1 row due, oldest due 9"), \
+        result.stdout       # critical: no listener; due for 90 s, not UNKNOWN
+
+
+# ------------------------------------------------------ a log that stays bounded
+
+@pytest.mark.parametrize("rows, size", [(20, 5_000_000), (20_000, 2)])
+def test_the_log_stays_bounded_whatever_the_database_holds(db, cache, rows, size):
+    sql(db, "INSERT INTO ports_cache_clearing (category, port)"
+        " SELECT repeat('/', %s), 'p' || i FROM generate_series(1, %s) AS i", (size, rows))
+    result = clear(dsn=db, cache=cache)
+    assert result.returncode == 0, result.stderr[:1000]
+    assert len(result.stderr.encode()) < 64 * 1024, len(result.stderr)
+    assert "%d keys with a value no page can use" % rows in result.stderr
+    assert queued(db) == []
