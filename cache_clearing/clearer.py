@@ -69,10 +69,12 @@ def main(argv=None):
             if not word:
                 return 0        # the daemon needs no run
         started = time.monotonic()
+        progress = Progress()
+        progress("starting the run")
         # Opened only now: the operator may have swapped it while we waited.
         cache = Cache(open_cache_dir(config.cache_dir, write=not args.dry_run),
                       config.cache_dir, args.dry_run,
-                      logging.DEBUG if args.for_daemon else logging.ERROR)
+                      logging.DEBUG if args.for_daemon else logging.ERROR, progress)
         rows, failed = ((0, cache.clear(items, targets, commands)) if by_hand
                         else flush_queue(config, cache, give_up, args.for_daemon, **ahead))
     except ConfigError as e:
@@ -205,6 +207,28 @@ class Unusable:
         return "; ".join(first) + ("; and %d more" % (n - len(first)) if n > len(first) else "")
 
 
+class Progress:
+    """Tells the daemon what this run is doing, a line a step, through the pipe it gave
+    (CLEAR_CACHE_PROGRESS_FD): a clearer that stops saying so is stopped, or blocked."""
+
+    def __init__(self):
+        fd = os.environ.get("CLEAR_CACHE_PROGRESS_FD")
+        self.fd = int(fd) if fd and fd.isdigit() else None
+        self.said = None, 0.0   # the last line, and when
+
+    def __call__(self, doing):
+        if self.fd is None:
+            return
+        now = time.monotonic()
+        if self.said[0] == doing and now < self.said[1] + 0.1:
+            return      # the unlink threads and a command's ticks say it often
+        self.said = doing, now
+        try:
+            os.write(self.fd, (doing[:200] + "\n").encode(errors="replace"))
+        except OSError:
+            pass        # the daemon is gone or busy: nothing to tell
+
+
 class GiveUp:
     """A run's deadline: exit 1 unless the server answers in time.
 
@@ -300,6 +324,7 @@ def flush_queue(config, cache, give_up, alone=False, conn=None, layout=None):
     try:
         for attempt in range(1, ATTEMPTS + 1):
             give_up.arm()
+            cache.progress("connecting")
             try:
                 # libpq rounds a connect_timeout under 2 s up to 2: the timer holds.
                 conn = conn or connect(config.dsn, connect_timeout=math.ceil(config.give_up))
@@ -351,6 +376,7 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
                 + FAILING, {"lock": lock_timeout(config.give_up), "c": config.consumer})
     failing = cur.fetchone()[0]     # some key was failing: the cleared ones' records go
     answered()
+    cache.progress("reading the queues")
     # Deduplicate in the database: a backlog can hold a million rows.
     read_any_value(cur)
     cur.execute(select_due(layout), {"c": config.consumer})
@@ -367,6 +393,7 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
         if not unusable.file(targets, commands, item, queue, values):
             del changed[item]   # it can never name a cache entry: it goes with the batch
     unusable.say(cache.dry_run)
+    cache.progress("clearing %s" % count(len(changed), "key"))
     if cache.dry_run:
         failed = cache.clear(changed, targets, commands)
         cur.execute("ROLLBACK")
@@ -387,6 +414,7 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
         retry = retry_alone(cur, cache, config, layout, failed) if alone else None
         rows, forgotten = update_queues(cur.connection, changed, config, layout, failed, retry,
                                         forget=failing)
+    cache.progress("committing")
     cur.execute("COMMIT")
     for table, key, since, attempts in forgotten:
         log.info("%s %s: cleared, after %s since %s", table, cut(key),

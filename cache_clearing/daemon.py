@@ -43,6 +43,11 @@ CONNECT_BACKOFF = 0.5, 1.6
 CALM = 60.0             # seconds between lines about a trouble that lasts
 UNANNOUNCED_EVERY = 3600.0      # seconds between warnings about lost notifications
 RUN_LIMIT = 3600.0      # seconds a clearer may run before it is killed: a backstop
+# A running clearer says what it does through a pipe.  Silent this many
+# heartbeats since its word or its last step, it is said to have stopped;
+# then, unless a queue has a command (whose run is its own business), it is
+# killed, with all it started, and its run retried.
+STALLED, STALLED_KILL = 2, 5
 CHANNEL = "clear_ports_cache"   # schema.sql's NOTIFY
 LATER = "later"         # the payload of a notification about rows due later only
 # Seconds until this consumer's earliest row in any queue falls due (<= 0:
@@ -157,17 +162,64 @@ class Clearers:
         self.waiter = None              # started ahead: connected, waiting on its stdin
         self.waiter_at = 0.0            # when the next one may start
         self.backoff = Backoff(*RETRY_BACKOFF)    # waiters lost in a row
+        self.progress_at = NEVER        # the running clearer's word, or its last step
+        self.doing = None               # and what that step was
+        self.stall_said = -NEVER        # when a line last said it had stopped
 
     def spawn(self, *args, **kwargs):
-        """A new clear_cache.py process."""
-        # Its own session and process group: a terminal's ^C reaches only
-        # the daemon, which then lets the clearer finish.
-        return subprocess.Popen(self.argv + list(args), env=self.env,
-                                start_new_session=True, **kwargs)
+        """A new clear_cache.py process, with the pipe it says its steps through."""
+        reader, writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            # Its own session and process group: a terminal's ^C reaches only
+            # the daemon, which then lets the clearer finish.
+            proc = subprocess.Popen(self.argv + list(args), start_new_session=True,
+                                    env=dict(self.env, CLEAR_CACHE_PROGRESS_FD=str(writer)),
+                                    pass_fds=(writer,), **kwargs)
+        except OSError:
+            os.close(reader)
+            raise
+        finally:
+            os.close(writer)
+        proc.progress = reader
+        return proc
+
+    def read_progress(self):
+        """Read what the running clearer says it does."""
+        try:
+            said = os.read(self.running.progress, 4096)
+        except BlockingIOError:
+            return
+        if not said:    # it exited, or closed the pipe: reap() tells
+            os.close(self.running.progress)
+            self.running.progress = None
+            return
+        lines = said.decode(errors="replace").split("\n")
+        self.doing = [line for line in lines if line][-1] if any(lines) else self.doing
+        if self.stall_said > -NEVER:
+            log.info("clearer pid %d goes on: %s", self.running.pid, self.doing)
+            self.stall_said = -NEVER
+        self.progress_at = time.monotonic()
+
+    def report_stall(self):
+        log.error("clearer pid %d has made no progress for %.0f s; it was %s",
+                  self.running.pid, time.monotonic() - self.progress_at, self.doing)
+        self.stall_said = time.monotonic()
+
+    def kill_stalled(self):
+        log.error("clearer pid %d has made no progress for %.0f s: killing it, with all it"
+                  " started; it was %s", self.running.pid, time.monotonic() - self.progress_at,
+                  self.doing)
+        try:
+            os.killpg(self.running.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass        # gone meanwhile: reap() tells
+        self.progress_at = NEVER
 
     def start_run(self):
         """Give the word to the waiting clearer, else start one; OSError if none could."""
-        self.deadline = time.monotonic() + RUN_LIMIT
+        self.deadline = self.progress_at = time.monotonic()
+        self.deadline += RUN_LIMIT
+        self.doing, self.stall_said = "starting", -NEVER
         if self.waiter is not None:
             try:
                 self.waiter.stdin.write(b"!")
@@ -214,6 +266,7 @@ class Clearers:
         if self.waiter is not None and self.waiter.poll() is not None:
             waiter = self.waiter
             waiter.stdin.close()
+            os.close(waiter.progress)
             if stopping:
                 log.debug("waiting clearer pid %d gone", waiter.pid)
                 self.waiter = None
@@ -223,6 +276,9 @@ class Clearers:
         if self.running is None or self.running.poll() is None:
             return None
         ended, self.running = self.running, None
+        if ended.progress is not None:
+            os.close(ended.progress)
+        self.progress_at = NEVER
         if ended.returncode == 0:
             self.backoff.reset()
         return ended.pid, ended.returncode
@@ -242,6 +298,7 @@ class Daemon:
         self.config = config
         self.heartbeat = heartbeat
         self.clearers = clearers
+        self.commands = any(queue.command for queue in config.queues)
         # A lock held on the queue (an ALTER TABLE, say) is no dead connection.
         # A server's idle_session_timeout would close this idle session again
         # and again; a statement, since PgBouncer refuses the options parameter.
@@ -303,6 +360,11 @@ class Daemon:
         events = [(NEVER, None)]
         if clearers.running is not None:
             events.append((clearers.deadline, clearers.kill_running))
+            stalled = clearers.progress_at + STALLED * self.heartbeat
+            events.append((max(stalled, clearers.stall_said + CALM), clearers.report_stall))
+            if not self.commands:
+                events.append((clearers.progress_at + STALLED_KILL * self.heartbeat,
+                               clearers.kill_stalled))
         if self.stopping:
             pass
         elif self.conn is None:
@@ -336,7 +398,12 @@ class Daemon:
         timeout = None if until == NEVER else max(0.0, until - time.monotonic())
         conn = [self.conn] if self.conn is not None and (self.step or self.idle()) else []
         reading, writing = (([], conn) if self.step and self.writing else (conn, []))
-        readable, writable, _ = select.select([self.wakeup] + reading, writing, [], timeout)
+        running = self.clearers.running
+        progress = [running.progress] if running and running.progress is not None else []
+        readable, writable, _ = select.select([self.wakeup] + reading + progress, writing, [],
+                                              timeout)
+        if progress and progress[0] in readable:
+            self.clearers.read_progress()
         return bool(conn) and (conn[0] in readable or conn[0] in writable)
 
     def connect(self):

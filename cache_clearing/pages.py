@@ -15,6 +15,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor     # not lazily, in the run
 
 from .errors import ConfigError, exit_status, one_line
@@ -24,8 +25,9 @@ UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits 
 THREADS_FROM = 1000     # targets per thread at least: a small batch takes one
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
-# A command is given no secret of ours.
-WITHHELD = ("CLEAR_CACHE_DSN", "CLEAR_CACHE_CONFIG_TEXT")
+# A command is given no secret of ours, nor the daemon's progress pipe.
+WITHHELD = ("CLEAR_CACHE_DSN", "CLEAR_CACHE_CONFIG_TEXT", "CLEAR_CACHE_PROGRESS_FD")
+TICK = 0.1              # seconds between progress ticks while a command runs
 
 log = logging.getLogger("clear_cache")
 
@@ -71,10 +73,12 @@ def in_this_thread(function, *args):
 class Cache:
     """The cache directory, opened; what one run did to it, over all its attempts."""
 
-    def __init__(self, cache_fd, cache_dir, dry_run=False, failures=logging.ERROR):
+    def __init__(self, cache_fd, cache_dir, dry_run=False, failures=logging.ERROR,
+                 progress=lambda doing: None):
         self.cache_fd = cache_fd
         self.cache_dir = cache_dir
         self.dry_run = dry_run
+        self.progress = progress    # says what it is doing: the daemon watches for a stop
         self.failures = failures    # the level of a failure's line; the daemon's runs say
                                     # each failing key calmly instead, with its reason
         # A serialization failure retries the transaction: count over all attempts.
@@ -139,15 +143,24 @@ class Cache:
             return True
         env = {k: v for k, v in os.environ.items() if k not in WITHHELD}
         try:    # its output goes to our stderr
-            code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                                  env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            self.fail(item, "command %s: still running after %g s: killed"
-                      % (shlex.join(argv), timeout))
-            return False
+            command = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                       stdout=sys.stderr.fileno(), env=env)
         except OSError as e:
             self.fail(item, "command %s: %s" % (shlex.join(argv), e.strerror))
             return False
+        deadline = time.monotonic() + timeout
+        while True:     # a command running within its timeout is progress
+            self.progress("running command %s" % shlex.join(argv))
+            try:
+                code = command.wait(min(TICK, max(0.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    command.kill()
+                    command.wait()
+                    self.fail(item, "command %s: still running after %g s: killed"
+                              % (shlex.join(argv), timeout))
+                    return False
         if code:
             self.fail(item, "command %s: exited with %s" % (shlex.join(argv), exit_status(code)))
         return code == 0
@@ -162,7 +175,9 @@ class Cache:
         # there; ok False: it, or a directory above it, could not be opened.
         opened = [("", self.cache_fd, True)]
         try:
-            for target in targets:
+            for n, target in enumerate(targets):
+                if not n % 100:
+                    self.progress("removing pages")
                 dirs = target.dirs
                 same = 1
                 while (same < min(len(opened), len(dirs) + 1)

@@ -4,12 +4,13 @@ failing, times at the ends of the line, and a log that stays bounded."""
 
 import os
 import re
+import signal
 
 import psycopg2
 import pytest
 
 from tests.fixtures.common import wait_for
-from tests.fixtures.daemon import check, clear
+from tests.fixtures.daemon import check, clear, waiting_clearer, warm_backends
 from tests.fixtures.database import (add_ports, drop_database, load_schema,
                                      queued, sql, touch_port)
 from tests.fixtures.files import PAGE, make_immutable, make_page
@@ -185,3 +186,36 @@ def test_the_log_stays_bounded_whatever_the_database_holds(db, cache, rows, size
     assert len(result.stderr.encode()) < 64 * 1024, len(result.stderr)
     assert "%d keys with a value no page can use" % rows in result.stderr
     assert queued(db) == []
+
+
+# ------------------------------------------------------ a clearer that stops
+
+def test_a_stopped_clearer_is_said_then_killed_and_its_run_retried(db, cache, daemon):
+    add_ports(db, "www/a")
+    d = daemon(cache, "--heartbeat", "1", "--again-after", "0")
+    d.wait_ready()
+    pid = waiting_clearer(d)
+    wait_for(lambda: warm_backends(db), what="the waiting clearer's connection")
+    os.kill(pid, signal.SIGSTOP)        # it takes its word, and does nothing more
+    page = make_page(cache, "www/a")
+    touch_port(db, "www/a")
+    d.wait_log(r"clearer pid %d has made no progress for 2 s; it was starting" % pid, timeout=5)
+    d.wait_log(r"clearer pid %d has made no progress for 5 s: killing it" % pid, timeout=5)
+    d.wait_log(r"clearer pid %d exited with signal 9; retrying in" % pid)
+    wait_for(lambda: not page.exists(), what="the page, by the retried run")
+
+
+def test_a_clearer_whose_command_runs_within_its_timeout_is_not_killed(db, cache, daemon,
+                                                                      tmp_path):
+    marker = tmp_path / "done"
+    path = tmp_path / "slow.ini"
+    path.write_text("[ports_cache_clearing]\npages = {category}/{port}/*\n"
+                    "command = sh -c 'sleep 3; touch %s'\ntimeout = 20\n" % marker)
+    add_ports(db, "www/a")
+    d = daemon(cache, "--config", str(path), "--heartbeat", "0.4", "--again-after", "0")
+    d.wait_ready()
+    marker.unlink()     # the catch-up run made it
+    touch_port(db, "www/a")
+    wait_for(marker.exists, timeout=20, what="the slow command to end")
+    d.wait_idle()
+    assert "no progress" not in d.log() and "signal 9" not in d.log(), d.log()
