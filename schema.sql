@@ -137,6 +137,40 @@ BEGIN
 END
 $$;
 
+-- From one web server to several: registers the names and gives each the
+-- rows queued for '' so far, in every queue.  It first waits for the open
+-- transactions of writers (each holds ROW EXCLUSIVE on a queue it filled),
+-- so that no row of theirs for '' commits after the copy; writers that come
+-- after wait for this transaction, then see the names, and the queues'
+-- trigger fans their rows out.  READ COMMITTED, so that it sees what the
+-- writers it waited for committed.
+CREATE OR REPLACE FUNCTION cache_clearing_add_consumers(VARIADIC names text[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    queue regclass;
+    keys text;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'cache_clearing_add_consumers() must run under READ COMMITTED,'
+            ' to see the rows of the writers it waits for';
+    END IF;
+    FOR queue IN SELECT t.tgrelid::regclass FROM pg_trigger t
+                 WHERE t.tgfoid = 'cache_clearing_notify'::regproc ORDER BY t.tgrelid LOOP
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', queue);
+    END LOOP;
+    INSERT INTO cache_consumers SELECT DISTINCT unnest(names) ON CONFLICT DO NOTHING;
+    FOR queue IN SELECT t.tgrelid::regclass FROM pg_trigger t
+                 WHERE t.tgfoid = 'cache_clearing_notify'::regproc ORDER BY t.tgrelid LOOP
+        SELECT string_agg(quote_ident(k.name) || ', ', '') INTO keys
+            FROM cache_clearing_keys(queue) k;
+        EXECUTE format('WITH d AS (DELETE FROM %1$s WHERE consumer = %2$L RETURNING *)'
+                       ' INSERT INTO %1$s (%3$s due_at, reclear, consumer)'
+                       ' SELECT %3$s d.due_at, d.reclear, c.name'
+                       ' FROM d CROSS JOIN cache_consumers c', queue, '', coalesce(keys, ''));
+    END LOOP;
+END
+$$;
+
 -- The queue of port pages.  Ids name rows in messages; the sequence keeps
 -- them unique.  No index: the clearer reads the whole due queue anyway, and
 -- a primary key was more than half of what the trigger cost an UPDATE of
@@ -196,7 +230,8 @@ $$;
 -- runs as that owner, only the owner may use it.  PostgreSQL checks EXECUTE
 -- on a trigger function only at CREATE TRIGGER: writers lose nothing.
 REVOKE EXECUTE ON FUNCTION cache_clearing_notify(), cache_clearing_queue(regclass),
-    ports_queue_cache_clearing(), ports_queue_old_name() FROM PUBLIC;
+    cache_clearing_add_consumers(text[]), ports_queue_cache_clearing(), ports_queue_old_name()
+    FROM PUBLIC;
 
 -- The example ports, and its triggers: created where the database has no
 -- ports, installed where its ports has the text columns category and name,

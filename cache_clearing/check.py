@@ -25,6 +25,9 @@ CHECK_QUERY = (
     " FROM unnest(%s::text[], %s::text[]) AS c(name, daemon)"
     " LEFT JOIN ({}) q ON q.consumer = c.name AND q.due_at <= now()"
     " GROUP BY c.name, c.daemon ORDER BY c.name")
+# Rows left for '' while names are registered: no daemon clears them.
+STRANDED_QUERY = ("SELECT count(*) FROM ({}) q WHERE consumer = ''"
+                  " AND EXISTS (SELECT FROM cache_consumers)")
 # The key failing longest, of any of these consumers: which, and for how long.
 FAILING_QUERY = ("SELECT queue, key, EXTRACT(epoch FROM now() - since)::float8"
                  " FROM cache_clearing_failures WHERE consumer = ANY (%s) ORDER BY since LIMIT 1")
@@ -66,17 +69,18 @@ def main(argv=None):
     try:
         config = load_config(args, cache=False)
         require_psycopg2()
-        rows, unregistered, failing = read_status(config)
+        rows, unregistered, stranded, failing = read_status(config)
     except ConfigError as e:
         return report(UNKNOWN, str(e))
     except DATABASE_ERROR as e:
         return report(UNKNOWN, db_error(e))
-    return report(*judge(rows, unregistered, failing, config.consumer, args.warn, args.crit))
+    return report(*judge(rows, unregistered, stranded, failing, config.consumer, args.warn,
+                         args.crit))
 
 
 def read_status(config):
     """(consumer, rows due, age of the oldest, listeners) per consumer; is it unregistered?
-    and the key failing longest, (queue, key, seconds), or None."""
+    how many rows are stranded for ''; and the key failing longest, (queue, key, seconds)."""
     conn = connect(config.dsn, connect_timeout=10)
     try:
         with conn.cursor() as cur:
@@ -90,13 +94,15 @@ def read_status(config):
             cur.execute(psycopg2.sql.SQL(CHECK_QUERY).format(union(config.queues)),
                         [consumers, [daemon_name(c) for c in consumers]])
             rows = cur.fetchall()
+            cur.execute(psycopg2.sql.SQL(STRANDED_QUERY).format(union(config.queues)))
+            stranded = cur.fetchone()[0]
             cur.execute(FAILING_QUERY, [consumers])
-            return rows, unregistered, cur.fetchone()
+            return rows, unregistered, stranded, cur.fetchone()
     finally:
         conn.close()
 
 
-def judge(rows, unregistered, failing, consumer, warn, crit):
+def judge(rows, unregistered, stranded, failing, consumer, warn, crit):
     """(status, text) of what read_status() found."""
     worst, trouble = OK, []
     for name, due, oldest, listeners in rows:
@@ -109,6 +115,11 @@ def judge(rows, unregistered, failing, consumer, warn, crit):
     if unregistered:
         worst = CRITICAL
         trouble.append(unregistered_reason(consumer))
+    if stranded:
+        worst = CRITICAL
+        trouble.append("%s stranded for consumer '' while names are registered: no daemon"
+                       " clears them; cache_clearing_add_consumers('NAME') hands them out"
+                       % count(stranded, "row"))
     if failing and failing[2] >= warn:
         worst = max(worst, CRITICAL if failing[2] >= crit else WARNING)
         trouble.append("%s key %s failing for %d s" % (failing[0], cut(failing[1]), failing[2]))

@@ -4,12 +4,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import psycopg2
 import pytest
 
 from tests.fixtures.common import wait_for
-from tests.fixtures.daemon import CLEAR, LISTEN, assert_one_line_error, clear
+from tests.fixtures.daemon import CLEAR, LISTEN, assert_one_line_error, check, clear
 from tests.fixtures.database import add_ports, all_queued, queued, sql, touch_port
 from tests.fixtures.files import make_page
 
@@ -177,3 +178,41 @@ def test_a_clearer_waiting_on_a_lock_gives_up(db, cache):
     assert "canceling statement due to lock timeout" in result.stderr, result.stderr
     assert_one_line_error(result, 1)
     assert queued(db) == [("www", "a")]
+
+
+# -------------------------------------------------- from one server to two
+
+def test_adding_servers_waits_for_an_open_writer_and_strands_nothing(db):
+    add_ports(db, "www/a")
+    sql(db, "DELETE FROM ports_cache_clearing")
+    writer = psycopg2.connect(db)
+    with writer.cursor() as cur:     # open across the procedure, committed later
+        cur.execute("UPDATE ports SET version = '2' WHERE name = 'a'")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'before')")
+    done = threading.Event()
+
+    def procedure():
+        conn = psycopg2.connect(db)
+        with conn, conn.cursor() as cur:    # the README's block, as one transaction
+            cur.execute("SELECT cache_clearing_add_consumers('web1', 'web2')")
+        conn.close()
+        done.set()
+    threading.Thread(target=procedure, daemon=True).start()
+    wait_for(lambda: sql(db, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0,
+             what="the procedure to wait for the writer")
+    assert not done.is_set()
+    writer.commit()
+    writer.close()
+    wait_for(done.is_set, what="the procedure to end")
+    rows = sql(db, "SELECT port, consumer FROM ports_cache_clearing ORDER BY port, consumer")
+    assert rows == [("a", "web1"), ("a", "web2"), ("before", "web1"), ("before", "web2")]
+    assert check(dsn=db).stdout.count("stranded") == 0
+
+
+def test_check_says_rows_left_for_no_one_are_stranded(db, consumers):
+    sql(db, "ALTER TABLE ports_cache_clearing DISABLE TRIGGER ports_cache_clearing_notify")
+    sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('www', 'lost')")
+    sql(db, "ALTER TABLE ports_cache_clearing ENABLE TRIGGER ports_cache_clearing_notify")
+    result = check(dsn=db)
+    assert result.returncode == 2, result.stdout
+    assert "1 row stranded for consumer ''" in result.stdout, result.stdout
