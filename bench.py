@@ -3,9 +3,10 @@
     make bench
 
 Against the local PostgreSQL, in a scratch database created and dropped
-here.  Four measures: the latency of an isolated change (with the spawn
-floor it is compared to), a burst of 10,000 changes, a backlog of 1,000,000
-queued rows (with one template, then two), and the cost of the trigger.
+here.  The measures: the latency of an isolated change (with the spawn
+floor it is compared to), the same beside a key that fails throughout, a
+burst of 10,000 changes, a backlog of 1,000,000 queued rows (with one
+template, then two), the cost of the trigger, and FreshPorts' four queues.
 Re-clearing is on, as it is by default.  Prints a table, and exits 1 naming
 each target missed and by how much.
 
@@ -31,7 +32,7 @@ import psycopg2
 from tests.fixtures.common import wait_for
 from tests.fixtures.daemon import CLEAR, clearer_children, Daemon
 from tests.fixtures.database import create_database, drop_database, find_admin_dsn, sql
-from tests.fixtures.files import make_page
+from tests.fixtures.files import make_immutable, make_page
 
 LATENCY_CHANGES = int(os.environ.get('BENCH_LATENCY_CHANGES', 40))
 # Seconds between isolated changes, at random: they meet the re-clear runs of
@@ -173,11 +174,14 @@ def measure_latency(db, work):
     return rows
 
 
-def latencies(db, cache, category, start, floors, warm):
-    """Milliseconds from COMMIT to page gone for isolated changes, and the idle cost."""
+def latencies(db, cache, category, start, floors, warm, before=lambda: None):
+    """Milliseconds from COMMIT to page gone for isolated changes, and the idle cost.
+
+    before() runs once the queue is empty, before the daemon starts."""
     sql(db, "INSERT INTO ports (category, name) SELECT %s, 'p' || i"
         " FROM generate_series(0, %s) AS i", (category, LATENCY_CHANGES - 1))
     sql(db, "DELETE FROM ports_cache_clearing")
+    before()
     daemon = start(cache)
     try:
         daemon.wait_ready()
@@ -192,6 +196,38 @@ def latencies(db, cache, category, start, floors, warm):
     finally:
         daemon.kill()
     return latencies, idle
+
+
+def measure_failing_key(db, work):
+    """Isolated changes beside one key that fails throughout, against the same without it."""
+    floors, samples = [], {}
+    undo = []
+    for failing in (False, True):
+        cache = work / ("cache-%s" % failing)
+        cache.mkdir()
+
+        def stick():    # a page that cannot be deleted, its key queued
+            page = make_page(cache, "stuck/p")
+            undo.append(make_immutable(page))
+            sql(db, "INSERT INTO ports_cache_clearing (category, port) VALUES ('stuck', 'p')")
+        try:
+            samples[failing], _ = latencies(
+                db, cache, "fk%d" % failing, lambda cache: Daemon(work, db, cache), floors,
+                False, stick if failing else lambda: None)
+            attempts = sql(db, "SELECT coalesce(max(attempts), 0) FROM cache_clearing_failures")
+        finally:
+            for u in undo:
+                u()
+    floor = statistics.median(floors)
+    p50 = {f: statistics.median(s) for f, s in samples.items()}
+    return [info("failing key: p50 / max of %d changes beside none, beside one" % LATENCY_CHANGES,
+                 "%.1f / %.1f ms, %.1f / %.1f ms" % (p50[False], max(samples[False]),
+                                                      p50[True], max(samples[True]))),
+            info("failing key: its attempts meanwhile", attempts[0][0]),
+            check("failing key: warm p50 of isolated changes beside it, against the same"
+                  " run's p50 without it + 3 ms", p50[True], p50[False] + 3, " ms"),
+            check("failing key: max of %d changes beside it, against 2 x spawn floor"
+                  % LATENCY_CHANGES, max(samples[True]), 2 * floor, " ms")]
 
 
 def time_changes(dsn, change, meanwhile=lambda: None):
@@ -533,8 +569,8 @@ def clear_freshports_backlog(fp, cache, config):
     return wall, usage.ru_maxrss / 1024
 
 
-MEASURES = [measure_latency, measure_burst, measure_backlog, measure_trigger,
-            measure_freshports]
+MEASURES = [measure_latency, measure_failing_key, measure_burst, measure_backlog,
+            measure_trigger, measure_freshports]
 MEASURES = [m for m in MEASURES if m.__name__ in os.environ.get("BENCH_ONLY", "") or
             not os.environ.get("BENCH_ONLY")]
 
