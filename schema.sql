@@ -58,8 +58,6 @@ $$;
 -- nobody.  One channel for every queue: a run reads them all.
 CREATE OR REPLACE FUNCTION cache_clearing_notify() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-DECLARE
-    keys text;
 BEGIN
     IF NOT EXISTS (SELECT FROM cache_consumers) THEN
         IF EXISTS (SELECT FROM inserted WHERE due_at <= now()) THEN
@@ -69,25 +67,45 @@ BEGIN
         END IF;
         RETURN NULL;
     END IF;
-    -- Names are registered: a row for '' (a program's "clear later", a
-    -- rename's old name) becomes one row for each name, whose INSERT
-    -- notifies in turn.  Rows for '' that another statement left are no
-    -- one's either, so every one visible goes the same way.
-    IF EXISTS (SELECT FROM inserted WHERE consumer = '') THEN
-        SELECT string_agg(quote_ident(k.name) || ', ', '') INTO keys
-            FROM cache_clearing_keys(TG_RELID) k;
-        EXECUTE format('WITH d AS (DELETE FROM %1$I.%2$I WHERE consumer = %3$L RETURNING *)'
-                       ' INSERT INTO %1$I.%2$I (%4$s due_at, reclear, consumer)'
-                       ' SELECT %4$s d.due_at, d.reclear, c.name'
-                       ' FROM d CROSS JOIN cache_consumers c',
-                       TG_TABLE_SCHEMA, TG_TABLE_NAME, '', coalesce(keys, ''));
-    END IF;
     PERFORM pg_notify('clear_ports_cache', consumer)
         FROM (SELECT DISTINCT consumer FROM inserted
               WHERE due_at <= now() AND consumer <> '') AS due;
     IF NOT FOUND AND EXISTS (SELECT FROM inserted WHERE consumer <> '') THEN
         NOTIFY clear_ports_cache, 'later';
     END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Names are registered: a row for '' (a program's "clear later", a rename's
+-- old name) becomes one row for each name instead.  Before each statement
+-- that inserts into a queue, one look at cache_consumers, kept for the
+-- statement in a setting; a row trigger whose WHEN reads that setting then
+-- costs a row nothing while no name is registered.  Nothing here reads the
+-- queue itself: a writer's transaction that read it would form read/write
+-- cycles with a clearer's SERIALIZABLE run, and starve it.
+CREATE OR REPLACE FUNCTION cache_clearing_look_for_consumers() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    PERFORM set_config('cache_clearing.fan_out',
+                       CASE WHEN EXISTS (SELECT FROM cache_consumers) THEN 'on' ELSE '' END, true);
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION cache_clearing_fan_out() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    keys text;
+BEGIN
+    SELECT string_agg(format('($1).%I, ', k.name), '') INTO keys
+        FROM cache_clearing_keys(TG_RELID) k;
+    EXECUTE format('INSERT INTO %I.%I (%s due_at, reclear, consumer)'
+                   ' SELECT %s ($1).due_at, ($1).reclear, c.name FROM cache_consumers c',
+                   TG_TABLE_SCHEMA, TG_TABLE_NAME,
+                   (SELECT string_agg(quote_ident(k.name) || ', ', '')
+                    FROM cache_clearing_keys(TG_RELID) k), coalesce(keys, ''))
+        USING NEW;
     RETURN NULL;
 END
 $$;
@@ -134,6 +152,18 @@ BEGIN
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS inserted'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_notify()',
                    (SELECT relname FROM pg_class WHERE oid = queue) || '_notify', queue);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s',
+                   (SELECT relname FROM pg_class WHERE oid = queue) || '_consumers', queue);
+    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_look_for_consumers()',
+                   (SELECT relname FROM pg_class WHERE oid = queue) || '_consumers', queue);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s',
+                   (SELECT relname FROM pg_class WHERE oid = queue) || '_fan_out', queue);
+    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT ON %s FOR EACH ROW'
+                   ' WHEN (NEW.consumer = %L AND current_setting(%L, true) = %L)'
+                   ' EXECUTE FUNCTION cache_clearing_fan_out()',
+                   (SELECT relname FROM pg_class WHERE oid = queue) || '_fan_out', queue,
+                   '', 'cache_clearing.fan_out', 'on');
 END
 $$;
 
@@ -229,7 +259,8 @@ $$;
 -- as its owner.  So that nobody else attaches it to a table of their own and
 -- runs as that owner, only the owner may use it.  PostgreSQL checks EXECUTE
 -- on a trigger function only at CREATE TRIGGER: writers lose nothing.
-REVOKE EXECUTE ON FUNCTION cache_clearing_notify(), cache_clearing_queue(regclass),
+REVOKE EXECUTE ON FUNCTION cache_clearing_notify(), cache_clearing_look_for_consumers(),
+    cache_clearing_fan_out(), cache_clearing_queue(regclass),
     cache_clearing_add_consumers(text[]), ports_queue_cache_clearing(), ports_queue_old_name()
     FROM PUBLIC;
 

@@ -5,8 +5,10 @@ failing, times at the ends of the line, and a log that stays bounded."""
 import os
 import re
 import signal
+import threading
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from tests.fixtures.common import wait_for
@@ -219,3 +221,54 @@ def test_a_clearer_whose_command_runs_within_its_timeout_is_not_killed(db, cache
     wait_for(marker.exists, timeout=20, what="the slow command to end")
     d.wait_idle()
     assert "no progress" not in d.log() and "signal 9" not in d.log(), d.log()
+
+
+# ------------------------------------------------------ writers of any isolation level
+
+def test_serializable_writers_never_starve_a_consumers_clearer(db, tmp_path, daemon,
+                                                               consumers):
+    add_ports(db, *("www/p%d" % i for i in range(10)))
+    caches = {}
+    for name in consumers:
+        caches[name] = tmp_path / name
+        caches[name].mkdir()
+        d = daemon(caches[name], "--consumer", name, "--heartbeat", "5")
+        d.wait_ready()
+        caches[name] = caches[name], d
+    stop = threading.Event()
+
+    def insert_empty_rows():    # a program's "clear later", as fast as one connection goes
+        conn = psycopg2.connect(db)
+        conn.set_session(isolation_level="SERIALIZABLE")
+        n = 0
+        while not stop.is_set():
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute("INSERT INTO ports_cache_clearing (category, port)"
+                                " VALUES ('www', 'busy')")
+                n += 1
+            except psycopg2.errors.SerializationFailure:
+                pass
+        conn.close()
+        counts.append(n)
+    counts = []
+    writer = threading.Thread(target=insert_empty_rows, daemon=True)
+    writer.start()
+    try:
+        updater = psycopg2.connect(db)
+        updater.set_session(isolation_level="SERIALIZABLE")
+        for i in range(10):     # a change a second, each cleared on both servers
+            pages = [make_page(cache, "www/p%d" % i) for cache, _ in caches.values()]
+            with updater, updater.cursor() as cur:
+                cur.execute("UPDATE ports SET version = 'x' WHERE name = %s", ("p%d" % i,))
+            wait_for(lambda: not any(p.exists() for p in pages), timeout=10,
+                     what="change %d cleared on both servers" % i)
+        updater.close()
+    finally:
+        stop.set()
+        writer.join(10)
+    assert counts and counts[0] > 1000, counts     # the writer was busy throughout
+    for _, d in caches.values():
+        d.wait_idle()
+        assert d.count(r"clearer pid \d+ exited with") == 0, d.log()
+        assert d.count(r"WARNING|ERROR") == 0, d.log()

@@ -41,8 +41,9 @@ def test_a_queue_gets_the_clearers_columns_and_its_notify_trigger(queues):
     columns = sql(queues, "SELECT column_name FROM information_schema.columns"
                   " WHERE table_name = 'q_dates' ORDER BY ordinal_position")
     assert [c for c, in columns] == ["id", "day", "added", "due_at", "reclear", "consumer"]
-    assert sql(queues, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'q_dates'::regclass") == [
-        ("q_dates_notify",)]
+    assert sql(queues, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'q_dates'::regclass"
+               " ORDER BY tgname") == [("q_dates_consumers",), ("q_dates_fan_out",),
+                                       ("q_dates_notify",)]
     assert sql(queues, "SELECT * FROM cache_clearing_keys('q_dates')") == [("day", "date")]
     assert sql(queues, "SELECT * FROM cache_clearing_keys('q_all')") == []
 
@@ -77,8 +78,9 @@ def test_a_unique_key_with_a_defaulted_column_is_fine(queues):
     # day queued twice is two rows, and making it a queue again keeps both.
     sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30'), ('2026-11-30')")
     sql(queues, "SELECT cache_clearing_queue('q_dates')")
-    assert sql(queues, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'q_dates'::regclass") == [
-        ("q_dates_notify",)]
+    assert sql(queues, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'q_dates'::regclass"
+               " ORDER BY tgname") == [("q_dates_consumers",), ("q_dates_fan_out",),
+                                       ("q_dates_notify",)]
     assert sql(queues, "SELECT day::text FROM q_dates") == [("2026-11-30",), ("2026-11-30",)]
 
 
