@@ -188,11 +188,11 @@ class Unusable:
             self.note(self.partial, (queue.table, what), values)
         return True
 
-    def note(self, found, where, values):
+    def note(self, found, where, values, said=None):
         seen = found.setdefault(where, [0, []])
         seen[0] += 1
         if len(seen[1]) < self.SHOWN:
-            seen[1].append(", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
+            seen[1].append(said or ", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
 
     def say(self, dry_run):
         for table, (n, first) in self.invalid.items():
@@ -383,14 +383,20 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
     changed = {}    # item -> queued by a change, not only by a re-clear
+    too_long = {}   # item -> what of it was too long to be read
     for row in cur:
         item = layout.item(row)
         changed[item] = changed.get(item, False) or not row[1]
+        if row[2]:
+            too_long[item] = row[2]
     targets, commands = {}, {}
     unusable = Unusable()
     for item in list(changed):
         queue, values = layout.queues[item[0]], layout.values(item)
-        if not unusable.file(targets, commands, item, queue, values):
+        if item in too_long:
+            unusable.note(unusable.invalid, queue.table, {}, too_long[item])
+            del changed[item]
+        elif not unusable.file(targets, commands, item, queue, values):
             del changed[item]   # it can never name a cache entry: it goes with the batch
     unusable.say(cache.dry_run)
     cache.progress("clearing %s" % count(len(changed), "key"))

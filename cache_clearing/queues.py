@@ -125,7 +125,7 @@ class Layout:
 
     def item(self, row):
         """(queue index, its keys) of a row of select_due()."""
-        start = 2 + self.slot(row[0])
+        start = 3 + self.slot(row[0])
         return row[0], row[start:start + len(self.keys[row[0]])]
 
     def values(self, item):
@@ -170,8 +170,10 @@ def take_keys(queues, rows, raw=False):
 def select_due(layout):
     """The distinct keys of every queue's due rows, in one round trip.
 
-    A row is (queue index, reclear, every queue's keys): each queue fills its
-    own typed slots, and NULL the others'.
+    A row is (queue index, reclear, cut, every queue's keys): each queue fills
+    its own typed slots, and NULL the others'.  A text over LONGEST bytes
+    names nothing (no file name, no argument is that long): it stays in the
+    database, and cut says it, its first characters and its length, for the log.
     """
     sql = psycopg2.sql
     slots = [sql.SQL("NULL::" + kind) for keys in layout.keys for _, kind in keys]
@@ -179,12 +181,26 @@ def select_due(layout):
     for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
         columns = list(slots)
         start = layout.slot(index)
-        for i, (name, _) in enumerate(keys):
-            columns[start + i] = sql.Identifier(name)
-        branches.append(sql.SQL("SELECT DISTINCT {}, reclear{} FROM {} WHERE " + DUE).format(
-            sql.Literal(index), sql.Composed([sql.SQL(", ") + c for c in columns]),
+        cut = []
+        for i, (name, kind) in enumerate(keys):
+            column = sql.Identifier(name)
+            if kind == "text" or kind.startswith("character"):
+                columns[start + i] = sql.SQL("CASE WHEN octet_length({0}) <= {1} THEN {0} END"
+                                             ).format(column, sql.Literal(LONGEST))
+                cut.append(sql.SQL("CASE WHEN octet_length({0}) > {1} THEN {2} || '=' ||"
+                                   " quote_literal(left({0}, 200)) || '... (' || length({0})"
+                                   " || ' characters)' END").format(
+                                       column, sql.Literal(LONGEST), sql.Literal(name)))
+            else:
+                columns[start + i] = column
+        branches.append(sql.SQL("SELECT DISTINCT {}, reclear, {}{} FROM {} WHERE " + DUE).format(
+            sql.Literal(index), sql.SQL("concat_ws(', ', {})").format(sql.SQL(", ").join(cut))
+            if cut else sql.SQL("NULL"), sql.Composed([sql.SQL(", ") + c for c in columns]),
             table(queue.table)))
     return sql.SQL(" UNION ALL ").join(branches)
+
+
+LONGEST = 131072    # bytes: Linux's longest argument; a file name is 255 at most
 
 
 def update_queues(conn, changed, config, layout, failed=(), retry=None, forget=False):
