@@ -56,7 +56,7 @@ def main():
             for measure in MEASURES:
                 work = Path(tmp) / measure.__name__
                 (work / "cache").mkdir(parents=True)
-                sql(db, "TRUNCATE ports, ports_cache_clearing")
+                sql(db, "TRUNCATE ports, ports_cache_clearing, cache_clearing_failures")
                 rows += measure(db, work)
     finally:
         drop_database(admin, name)

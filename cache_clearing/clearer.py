@@ -33,9 +33,9 @@ from .config import (DEFAULT_GIVE_UP, DEFAULT_QUEUE, Parser, add_common_options,
 from .errors import (DATABASE_ERROR, RETRY_BACKOFF, Backoff, ConfigError, UsageError, count,
                      cut, db_error, one_line, psycopg2, require_psycopg2, shown)
 from .pages import Cache, open_cache_dir
-from .queues import (FAILING, NO_IDLE_TIMEOUTS, check_consumer, connect, key_text,
+from .queues import (NO_IDLE_TIMEOUTS, check_consumer, connect, key_text,
                      lock_timeout, read_any_value, read_keys, record_failures, select_due,
-                     update_queues)
+                     update_queues, warm_up)
 
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
 RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
@@ -188,11 +188,11 @@ class Unusable:
             self.note(self.partial, (queue.table, what), values)
         return True
 
-    def note(self, found, where, values, said=None):
+    def note(self, found, where, values):
         seen = found.setdefault(where, [0, []])
         seen[0] += 1
         if len(seen[1]) < self.SHOWN:
-            seen[1].append(said or ", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
+            seen[1].append(", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
 
     def say(self, dry_run):
         for table, (n, first) in self.invalid.items():
@@ -214,14 +214,16 @@ class Progress:
     def __init__(self):
         fd = os.environ.get("CLEAR_CACHE_PROGRESS_FD")
         self.fd = int(fd) if fd and fd.isdigit() else None
-        self.said = None, 0.0   # the last line, and when
+        # The last line, and when.  The daemon counts from the word: a run of
+        # a few milliseconds need not wake it.
+        self.said = None, time.monotonic()
 
     def __call__(self, doing):
         if self.fd is None:
             return
         now = time.monotonic()
-        if self.said[0] == doing and now < self.said[1] + 0.1:
-            return      # the unlink threads and a command's ticks say it often
+        if now < self.said[1] + 0.05:
+            return      # a line wakes the daemon: one a twentieth of a second is plenty
         self.said = doing, now
         try:
             os.write(self.fd, (doing[:200] + "\n").encode(errors="replace"))
@@ -299,10 +301,10 @@ def connect_ahead(config, ahead):
         with conn.cursor() as cur:
             cur.execute(NO_IDLE_TIMEOUTS)
             ahead["layout"] = layout = read_keys(cur, config.queues)
-            # A new backend plans its first query slowly while it fills its
-            # caches: let it do that now.  No snapshot stays.
-            cur.execute(psycopg2.sql.SQL("EXPLAIN ") + select_due(layout),
-                        {"c": config.consumer})
+            # A new backend plans its first queries slowly while it fills its
+            # caches, and compiles the queues' triggers at their first call:
+            # let it do that now.  No snapshot stays, no row is written.
+            warm_up(cur, layout, config.consumer)
         ahead["conn"] = conn
     except ConfigError:
         ahead["conn"] = conn    # the run says what is wrong
@@ -372,9 +374,8 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
     # The first answer proves the server reachable (no paused pooler): a cheap
     # statement, so that the deadline never cuts short the SELECT of a large
     # backlog.  A lock not granted within give_up fails the run: it is retried.
-    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %(lock)s; "
-                + FAILING, {"lock": lock_timeout(config.give_up), "c": config.consumer})
-    failing = cur.fetchone()[0]     # some key was failing: the cleared ones' records go
+    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
+                [lock_timeout(config.give_up)])
     answered()
     cache.progress("reading the queues")
     # Deduplicate in the database: a backlog can hold a million rows.
@@ -383,20 +384,14 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
     changed = {}    # item -> queued by a change, not only by a re-clear
-    too_long = {}   # item -> what of it was too long to be read
     for row in cur:
         item = layout.item(row)
         changed[item] = changed.get(item, False) or not row[1]
-        if row[2]:
-            too_long[item] = row[2]
     targets, commands = {}, {}
     unusable = Unusable()
     for item in list(changed):
         queue, values = layout.queues[item[0]], layout.values(item)
-        if item in too_long:
-            unusable.note(unusable.invalid, queue.table, {}, too_long[item])
-            del changed[item]
-        elif not unusable.file(targets, commands, item, queue, values):
+        if not unusable.file(targets, commands, item, queue, values):
             del changed[item]   # it can never name a cache entry: it goes with the batch
     unusable.say(cache.dry_run)
     cache.progress("clearing %s" % count(len(changed), "key"))
@@ -411,15 +406,13 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
     # the unlinks overlap.  The pool's exit waits for it: the connection is
     # free again only then.
     with ThreadPoolExecutor(1) as pool:
-        updating = pool.submit(update_queues, cur.connection, changed, config, layout,
-                               forget=failing)
+        updating = pool.submit(update_queues, cur.connection, changed, config, layout)
         failed = cache.clear(changed, targets, commands)
     rows, forgotten = updating.result()
     if failed:
         cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
         retry = retry_alone(cur, cache, config, layout, failed) if alone else None
-        rows, forgotten = update_queues(cur.connection, changed, config, layout, failed, retry,
-                                        forget=failing)
+        rows, forgotten = update_queues(cur.connection, changed, config, layout, failed, retry)
     cache.progress("committing")
     cur.execute("COMMIT")
     for table, key, since, attempts in forgotten:

@@ -125,7 +125,7 @@ class Layout:
 
     def item(self, row):
         """(queue index, its keys) of a row of select_due()."""
-        start = 3 + self.slot(row[0])
+        start = 2 + self.slot(row[0])
         return row[0], row[start:start + len(self.keys[row[0]])]
 
     def values(self, item):
@@ -170,10 +170,8 @@ def take_keys(queues, rows, raw=False):
 def select_due(layout):
     """The distinct keys of every queue's due rows, in one round trip.
 
-    A row is (queue index, reclear, cut, every queue's keys): each queue fills
-    its own typed slots, and NULL the others'.  A text over LONGEST bytes
-    names nothing (no file name, no argument is that long): it stays in the
-    database, and cut says it, its first characters and its length, for the log.
+    A row is (queue index, reclear, every queue's keys): each queue fills its
+    own typed slots, and NULL the others'.
     """
     sql = psycopg2.sql
     slots = [sql.SQL("NULL::" + kind) for keys in layout.keys for _, kind in keys]
@@ -181,29 +179,15 @@ def select_due(layout):
     for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
         columns = list(slots)
         start = layout.slot(index)
-        cut = []
-        for i, (name, kind) in enumerate(keys):
-            column = sql.Identifier(name)
-            if kind == "text" or kind.startswith("character"):
-                columns[start + i] = sql.SQL("CASE WHEN octet_length({0}) <= {1} THEN {0} END"
-                                             ).format(column, sql.Literal(LONGEST))
-                cut.append(sql.SQL("CASE WHEN octet_length({0}) > {1} THEN {2} || '=' ||"
-                                   " quote_literal(left({0}, 200)) || '... (' || length({0})"
-                                   " || ' characters)' END").format(
-                                       column, sql.Literal(LONGEST), sql.Literal(name)))
-            else:
-                columns[start + i] = column
-        branches.append(sql.SQL("SELECT DISTINCT {}, reclear, {}{} FROM {} WHERE " + DUE).format(
-            sql.Literal(index), sql.SQL("concat_ws(', ', {})").format(sql.SQL(", ").join(cut))
-            if cut else sql.SQL("NULL"), sql.Composed([sql.SQL(", ") + c for c in columns]),
+        for i, (name, _) in enumerate(keys):
+            columns[start + i] = sql.Identifier(name)
+        branches.append(sql.SQL("SELECT DISTINCT {}, reclear{} FROM {} WHERE " + DUE).format(
+            sql.Literal(index), sql.Composed([sql.SQL(", ") + c for c in columns]),
             table(queue.table)))
     return sql.SQL(" UNION ALL ").join(branches)
 
 
-LONGEST = 131072    # bytes: Linux's longest argument; a file name is 255 at most
-
-
-def update_queues(conn, changed, config, layout, failed=(), retry=None, forget=False):
+def update_queues(conn, changed, config, layout, failed=(), retry=None):
     """Delete the due rows, queue re-clears; return (rows deleted, failures forgotten).
 
     changed: {item: queued by a change, not only by a re-clear}.  Without
@@ -211,14 +195,15 @@ def update_queues(conn, changed, config, layout, failed=(), retry=None, forget=F
     fail; with them the caller has gone back to it.  A failed key's rows stay
     as they are (a run by hand), or with retry, {item: seconds}, they go and
     the key is queued once more, due that much later: it is retried alone.
-    forget: some key was failing, so the records of the keys cleared go.
+    The records of failing keys that it clears go too, and are returned.
     """
     sql = psycopg2.sql
     params, failed = {"c": config.consumer}, set(failed)
     rows = 0
     with conn.cursor() as cur:
-        if not failed:
-            cur.execute("SAVEPOINT snapshot_read")
+        # The savepoint goes with the look at the failing keys: a round trip less.
+        cur.execute(("SAVEPOINT snapshot_read; " if not failed else "") + FAILING, params)
+        failing = set(cur.fetchall())
         for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
             kept = [k for i, k in failed if i == index] if retry is None else []
             if kept and not keys:
@@ -245,11 +230,23 @@ def update_queues(conn, changed, config, layout, failed=(), retry=None, forget=F
                 queue_again(cur, queue, keys, dict(params, reclear=False, **columns(
                     [k for k, _ in later], keys, [s for _, s in later])))
         forgotten = []
-        if forget:
-            cleared = [(i, k) for i, k in changed if (i, k) not in failed]
-            cur.execute(FORGET, dict(params, **failure_keys(layout, cleared)))
+        tables = {table for table, _ in failing}
+        gone = [named for named in (
+            (layout.queues[i].table, key_text(k)) for i, k in changed
+            if (i, k) not in failed and layout.queues[i].table in tables) if named in failing]
+        if gone:
+            cur.execute(FORGET, dict(params, queues=[t for t, _ in gone],
+                                     keys=[k for _, k in gone]))
             forgotten = cur.fetchall()
     return rows, forgotten
+
+
+def warm_up(cur, layout, consumer):
+    """Have a new backend plan the run's queries and compile the queues' triggers."""
+    cur.execute(psycopg2.sql.SQL("EXPLAIN ") + select_due(layout), {"c": consumer})
+    cur.execute(FAILING, {"c": consumer})
+    for queue, keys in zip(layout.queues, layout.keys):     # an INSERT of no row
+        queue_again(cur, queue, keys, dict(columns([], keys, []), c=consumer, reclear=True))
 
 
 def queue_again(cur, queue, keys, params):
@@ -288,7 +285,7 @@ def columns(keys, queue_keys, delays=None):
 # Keys whose pages or command keep failing, in cache_clearing_failures: since
 # when, how many attempts, and when a line last said so (the clearers are
 # processes of their own: the database keeps the log calm across them).
-FAILING = "SELECT EXISTS (SELECT FROM cache_clearing_failures WHERE consumer = %(c)s)"
+FAILING = "SELECT queue, key FROM cache_clearing_failures WHERE consumer = %(c)s"
 FORGET = ("DELETE FROM cache_clearing_failures WHERE consumer = %(c)s AND (queue, key) IN"
           " (SELECT * FROM unnest(%(queues)s::text[], %(keys)s::text[]))"
           " RETURNING queue, key, since, attempts")
