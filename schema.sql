@@ -96,15 +96,14 @@ $$;
 CREATE OR REPLACE FUNCTION cache_clearing_fan_out() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
+    names text;
     keys text;
 BEGIN
-    SELECT string_agg(format('($1).%I, ', k.name), '') INTO keys
-        FROM cache_clearing_keys(TG_RELID) k;
+    SELECT string_agg(quote_ident(k.name) || ', ', ''), string_agg(format('($1).%I, ', k.name), '')
+        INTO names, keys FROM cache_clearing_keys(TG_RELID) k;
     EXECUTE format('INSERT INTO %I.%I (%s due_at, reclear, consumer)'
                    ' SELECT %s ($1).due_at, ($1).reclear, c.name FROM cache_consumers c',
-                   TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                   (SELECT string_agg(quote_ident(k.name) || ', ', '')
-                    FROM cache_clearing_keys(TG_RELID) k), coalesce(keys, ''))
+                   TG_TABLE_SCHEMA, TG_TABLE_NAME, coalesce(names, ''), coalesce(keys, ''))
         USING NEW;
     RETURN NULL;
 END
@@ -118,6 +117,8 @@ CREATE OR REPLACE FUNCTION cache_clearing_queue(queue regclass) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     refused record;
+    trigger record;
+    name text;
 BEGIN
     -- A row is due once due_at has passed; any program may queue a clear for
     -- later.  reclear marks the second clear that follows a change, for
@@ -147,23 +148,20 @@ BEGIN
             ' re-clears would collide; drop it first', queue, refused.kind, refused.what,
             refused.columns;
     END IF;
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s',
-                   (SELECT relname FROM pg_class WHERE oid = queue) || '_notify', queue);
-    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS inserted'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_notify()',
-                   (SELECT relname FROM pg_class WHERE oid = queue) || '_notify', queue);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s',
-                   (SELECT relname FROM pg_class WHERE oid = queue) || '_consumers', queue);
-    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_look_for_consumers()',
-                   (SELECT relname FROM pg_class WHERE oid = queue) || '_consumers', queue);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s',
-                   (SELECT relname FROM pg_class WHERE oid = queue) || '_fan_out', queue);
-    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT ON %s FOR EACH ROW'
-                   ' WHEN (NEW.consumer = %L AND current_setting(%L, true) = %L)'
-                   ' EXECUTE FUNCTION cache_clearing_fan_out()',
-                   (SELECT relname FROM pg_class WHERE oid = queue) || '_fan_out', queue,
-                   '', 'cache_clearing.fan_out', 'on');
+    -- Its three triggers, each TABLE_suffix: (suffix, what follows ON TABLE).
+    FOR trigger IN SELECT * FROM (VALUES
+        ('_notify', 'AFTER INSERT', ' REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT'
+                    ' EXECUTE FUNCTION cache_clearing_notify()'),
+        ('_consumers', 'BEFORE INSERT',
+                    ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_look_for_consumers()'),
+        ('_fan_out', 'BEFORE INSERT',
+                    format(' FOR EACH ROW WHEN (NEW.consumer = %L AND current_setting(%L, true)'
+                           ' = %L) EXECUTE FUNCTION cache_clearing_fan_out()',
+                           '', 'cache_clearing.fan_out', 'on'))) AS t(suffix, event, rest) LOOP
+        name := (SELECT relname FROM pg_class WHERE oid = queue) || trigger.suffix;
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', name, queue);
+        EXECUTE format('CREATE TRIGGER %I %s ON %s', name, trigger.event, queue) || trigger.rest;
+    END LOOP;
 END
 $$;
 
@@ -177,6 +175,9 @@ $$;
 CREATE OR REPLACE FUNCTION cache_clearing_add_consumers(VARIADIC names text[])
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
+    queues regclass[] := ARRAY(SELECT t.tgrelid::regclass FROM pg_trigger t
+                               WHERE t.tgfoid = 'cache_clearing_notify'::regproc
+                               ORDER BY t.tgrelid);
     queue regclass;
     keys text;
 BEGIN
@@ -184,13 +185,11 @@ BEGIN
         RAISE EXCEPTION 'cache_clearing_add_consumers() must run under READ COMMITTED,'
             ' to see the rows of the writers it waits for';
     END IF;
-    FOR queue IN SELECT t.tgrelid::regclass FROM pg_trigger t
-                 WHERE t.tgfoid = 'cache_clearing_notify'::regproc ORDER BY t.tgrelid LOOP
+    FOREACH queue IN ARRAY queues LOOP
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', queue);
     END LOOP;
     INSERT INTO cache_consumers SELECT DISTINCT unnest(names) ON CONFLICT DO NOTHING;
-    FOR queue IN SELECT t.tgrelid::regclass FROM pg_trigger t
-                 WHERE t.tgfoid = 'cache_clearing_notify'::regproc ORDER BY t.tgrelid LOOP
+    FOREACH queue IN ARRAY queues LOOP
         SELECT string_agg(quote_ident(k.name) || ', ', '') INTO keys
             FROM cache_clearing_keys(queue) k;
         EXECUTE format('WITH d AS (DELETE FROM %1$s WHERE consumer = %2$L RETURNING *)'
