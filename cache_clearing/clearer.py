@@ -188,11 +188,11 @@ class Unusable:
             self.note(self.partial, (queue.table, what), values)
         return True
 
-    def note(self, found, where, values):
+    def note(self, found, where, values=None, said=None):
         seen = found.setdefault(where, [0, []])
         seen[0] += 1
         if len(seen[1]) < self.SHOWN:
-            seen[1].append(", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
+            seen[1].append(said or ", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
 
     def say(self, dry_run):
         for table, (n, first) in self.invalid.items():
@@ -384,11 +384,14 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
     changed = {}    # item -> queued by a change, not only by a re-clear
+    unusable = Unusable()
     for row in cur:
+        if row[2] is not None:  # a text too long to name anything: its row goes
+            unusable.note(unusable.invalid, layout.queues[row[0]].table, said=row[2])
+            continue
         item = layout.item(row)
         changed[item] = changed.get(item, False) or not row[1]
     targets, commands = {}, {}
-    unusable = Unusable()
     for item in list(changed):
         queue, values = layout.queues[item[0]], layout.values(item)
         if not unusable.file(targets, commands, item, queue, values):

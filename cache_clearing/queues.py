@@ -125,7 +125,7 @@ class Layout:
 
     def item(self, row):
         """(queue index, its keys) of a row of select_due()."""
-        start = 2 + self.slot(row[0])
+        start = 3 + self.slot(row[0])
         return row[0], row[start:start + len(self.keys[row[0]])]
 
     def values(self, item):
@@ -170,8 +170,11 @@ def take_keys(queues, rows, raw=False):
 def select_due(layout):
     """The distinct keys of every queue's due rows, in one round trip.
 
-    A row is (queue index, reclear, every queue's keys): each queue fills its
-    own typed slots, and NULL the others'.
+    A row is (queue index, reclear, too long, every queue's keys): each queue
+    fills its own typed slots, and NULL the others'.  A text over LONGEST
+    bytes names nothing (no file name, no argument is that long), so it is
+    never read whole: its row comes in a branch of its own, keys NULL, too
+    long saying its key for the log, each text cut to its first characters.
     """
     sql = psycopg2.sql
     slots = [sql.SQL("NULL::" + kind) for keys in layout.keys for _, kind in keys]
@@ -181,10 +184,28 @@ def select_due(layout):
         start = layout.slot(index)
         for i, (name, _) in enumerate(keys):
             columns[start + i] = sql.Identifier(name)
-        branches.append(sql.SQL("SELECT DISTINCT {}, reclear{} FROM {} WHERE " + DUE).format(
-            sql.Literal(index), sql.Composed([sql.SQL(", ") + c for c in columns]),
-            table(queue.table)))
+        texts = [sql.Identifier(name) for name, kind in keys
+                 if kind == "text" or kind.startswith("character")]
+        too_long = sql.SQL(" OR ").join(sql.SQL("octet_length({}) > {}").format(
+            text, sql.Literal(LONGEST)) for text in texts) if texts else sql.SQL("false")
+        select = sql.SQL("SELECT DISTINCT {}, reclear, {}{} FROM {} WHERE " + DUE + " AND ({}) {}")
+        branches.append(select.format(
+            sql.Literal(index), sql.SQL("NULL"), sql.Composed([sql.SQL(", ") + c for c in columns]),
+            table(queue.table), too_long, sql.SQL("IS NOT TRUE")))
+        if texts:
+            said = sql.SQL("concat_ws(', ', {})").format(sql.SQL(", ").join(
+                sql.SQL("{} || '=' || quote_literal(left({}::text, 200)) || CASE WHEN"
+                        " length({}::text) > 200 THEN '... (' || length({}::text) ||"
+                        " ' characters)' ELSE '' END").format(
+                            sql.Literal(name), sql.Identifier(name), sql.Identifier(name),
+                            sql.Identifier(name)) for name, _ in keys))
+            branches.append(select.format(
+                sql.Literal(index), said, sql.Composed([sql.SQL(", ") + c for c in slots]),
+                table(queue.table), too_long, sql.SQL("")))
     return sql.SQL(" UNION ALL ").join(branches)
+
+
+LONGEST = 131072    # bytes: Linux's longest argument; a file name is 255 at most
 
 
 def update_queues(conn, changed, config, layout, failed=(), retry=None):

@@ -197,15 +197,17 @@ def test_a_row_due_at_minus_infinity_is_due_since_it_was_queued(db):
 # ------------------------------------------------------ a log that stays bounded
 
 @pytest.mark.parametrize("rows, size", [(20, 5_000_000), (20_000, 2)])
-def test_the_log_stays_bounded_whatever_the_database_holds(db, cache, rows, size):
+def test_the_log_and_the_memory_stay_bounded_whatever_the_database_holds(db, cache, rows,
+                                                                        size):
     sql(db, "INSERT INTO ports_cache_clearing (category, port)"
         " SELECT repeat('/', %s), 'p' || i FROM generate_series(1, %s) AS i", (size, rows))
     proc = subprocess.Popen([sys.executable, CLEAR, "--dsn", db, "--cache-dir", str(cache)],
                             env=clean_env(), stderr=subprocess.PIPE)
     stderr = proc.stderr.read().decode()
-    _, status, _ = os.wait4(proc.pid, 0)
+    _, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, stderr[:1000]
     assert len(stderr.encode()) < 64 * 1024, len(stderr)
+    assert usage.ru_maxrss < 64 * 1024, usage.ru_maxrss     # KiB: the backlog's target
     assert "%d keys with a value no page can use" % rows in stderr
     assert queued(db) == []
 
