@@ -10,9 +10,16 @@
 SET client_min_messages = warning;
 BEGIN;
 
--- The functions below that run as their owner (SECURITY DEFINER) take this
--- schema's search_path, pg_temp last, from the session (FROM CURRENT).
-DO $$ BEGIN PERFORM set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true); END $$;
+-- The functions below take this schema's search_path, pg_temp last, from the
+-- session (FROM CURRENT); pg_catalog, not named, comes first.  Still, whoever
+-- may CREATE in this schema could add an overload that PostgreSQL prefers to
+-- pg_catalog's, quote_ident(name) to quote_ident(text), and have the
+-- machinery's owner run it: so every built-in function they call is named
+-- pg_catalog.f, and every other call and operator has its exact types.
+DO $$ BEGIN
+    PERFORM pg_catalog.set_config('search_path',
+        pg_catalog.quote_ident(pg_catalog.current_schema()) || ', pg_temp', true);
+END $$;
 
 -- Several web servers, each with its own cache and daemon (--consumer NAME):
 -- while this table is empty every change is queued once, for consumer '';
@@ -31,9 +38,9 @@ CREATE TABLE IF NOT EXISTS cache_clearing_failures (
     queue    text NOT NULL,
     consumer text NOT NULL,
     key      text NOT NULL,
-    since    timestamptz NOT NULL DEFAULT now(),
+    since    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     attempts integer NOT NULL DEFAULT 1,
-    said_at  timestamptz NOT NULL DEFAULT now(),
+    said_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (queue, consumer, key)
 );
 
@@ -43,8 +50,8 @@ CREATE TABLE IF NOT EXISTS cache_clearing_failures (
 CREATE OR REPLACE FUNCTION cache_clearing_keys(queue regclass)
 RETURNS TABLE (name name, type text)
 LANGUAGE sql STABLE AS $$
-    SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
-    WHERE a.attrelid = queue AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.atthasdef
+    SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid = queue::oid AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.atthasdef
       AND a.attidentity = '' AND a.attgenerated = ''
     ORDER BY a.attnum
 $$;
@@ -60,16 +67,16 @@ CREATE OR REPLACE FUNCTION cache_clearing_notify() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     IF NOT EXISTS (SELECT FROM cache_consumers) THEN
-        IF EXISTS (SELECT FROM inserted WHERE due_at <= now()) THEN
+        IF EXISTS (SELECT FROM inserted WHERE due_at <= pg_catalog.now()) THEN
             NOTIFY clear_ports_cache;
         ELSIF EXISTS (SELECT FROM inserted) THEN
             NOTIFY clear_ports_cache, 'later';
         END IF;
         RETURN NULL;
     END IF;
-    PERFORM pg_notify('clear_ports_cache', consumer)
+    PERFORM pg_catalog.pg_notify('clear_ports_cache', consumer)
         FROM (SELECT DISTINCT consumer FROM inserted
-              WHERE due_at <= now() AND consumer <> '') AS due;
+              WHERE due_at <= pg_catalog.now() AND consumer <> '') AS due;
     IF NOT FOUND AND EXISTS (SELECT FROM inserted WHERE consumer <> '') THEN
         NOTIFY clear_ports_cache, 'later';
     END IF;
@@ -87,7 +94,7 @@ $$;
 CREATE OR REPLACE FUNCTION cache_clearing_look_for_consumers() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
-    PERFORM set_config('cache_clearing.fan_out',
+    PERFORM pg_catalog.set_config('cache_clearing.fan_out',
                        CASE WHEN EXISTS (SELECT FROM cache_consumers) THEN 'on' ELSE '' END, true);
     RETURN NULL;
 END
@@ -99,9 +106,9 @@ DECLARE
     names text;
     keys text;
 BEGIN
-    SELECT string_agg(quote_ident(k.name) || ', ', ''), string_agg(format('($1).%I, ', k.name), '')
-        INTO names, keys FROM cache_clearing_keys(TG_RELID) k;
-    EXECUTE format('INSERT INTO %I.%I (%s due_at, reclear, consumer)'
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(k.name) || ', ', ''), pg_catalog.string_agg(pg_catalog.format('($1).%I, ', k.name), '')
+        INTO names, keys FROM cache_clearing_keys(TG_RELID::regclass) k;
+    EXECUTE pg_catalog.format('INSERT INTO %I.%I (%s due_at, reclear, consumer)'
                    ' SELECT %s ($1).due_at, ($1).reclear, c.name FROM cache_consumers c',
                    TG_TABLE_SCHEMA, TG_TABLE_NAME, coalesce(names, ''), coalesce(keys, ''))
         USING NEW;
@@ -114,7 +121,7 @@ $$;
 -- only would drop a change arriving while a clearer holds an older row (or
 -- fail its INSERT), and collide with the re-clears, so it is refused.
 CREATE OR REPLACE FUNCTION cache_clearing_queue(queue regclass) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     refused record;
     trigger record;
@@ -123,24 +130,24 @@ BEGIN
     -- A row is due once due_at has passed; any program may queue a clear for
     -- later.  reclear marks the second clear that follows a change, for
     -- renders that raced the first: clearing it queues nothing.
-    EXECUTE format('ALTER TABLE %s'
-                   ' ADD COLUMN IF NOT EXISTS due_at timestamptz NOT NULL DEFAULT now(),'
+    EXECUTE pg_catalog.format('ALTER TABLE %s'
+                   ' ADD COLUMN IF NOT EXISTS due_at timestamptz NOT NULL DEFAULT pg_catalog.now(),'
                    ' ADD COLUMN IF NOT EXISTS reclear boolean NOT NULL DEFAULT false,'
                    ' ADD COLUMN IF NOT EXISTS consumer text NOT NULL DEFAULT %L', queue, '');
     SELECT coalesce(c.conname, i.indexrelid::regclass::text) AS what,
            CASE c.contype WHEN 'p' THEN 'PRIMARY KEY' WHEN 'u' THEN 'UNIQUE constraint'
                 ELSE 'unique index' END AS kind,
-           (SELECT string_agg(a.attname, ', ') FROM pg_attribute a
-            WHERE a.attrelid = queue AND a.attnum = ANY (i.indkey)) AS columns
+           (SELECT pg_catalog.string_agg(a.attname, ', ') FROM pg_attribute a
+            WHERE a.attrelid = queue::oid AND a.attnum = ANY (i.indkey)) AS columns
         INTO refused
         FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid
-                                                AND c.conrelid = queue
-        WHERE i.indrelid = queue AND i.indisunique AND i.indexprs IS NULL
-          AND NOT EXISTS (SELECT FROM unnest(i.indkey) AS k(attnum)
+                                                AND c.conrelid = queue::oid
+        WHERE i.indrelid = queue::oid AND i.indisunique AND i.indexprs IS NULL
+          AND NOT EXISTS (SELECT FROM pg_catalog.unnest(i.indkey) AS k(attnum)
                           WHERE k.attnum NOT IN (
                               SELECT a.attnum FROM pg_attribute a
                               JOIN cache_clearing_keys(queue) ck ON ck.name = a.attname
-                              WHERE a.attrelid = queue))
+                              WHERE a.attrelid = queue::oid))
         LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'cache_clearing_queue(%): % % is made of key columns only (%):'
@@ -155,12 +162,12 @@ BEGIN
         ('_consumers', 'BEFORE INSERT',
                     ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_look_for_consumers()'),
         ('_fan_out', 'BEFORE INSERT',
-                    format(' FOR EACH ROW WHEN (NEW.consumer = %L AND current_setting(%L, true)'
+                    pg_catalog.format(' FOR EACH ROW WHEN (NEW.consumer = %L AND pg_catalog.current_setting(%L, true)'
                            ' = %L) EXECUTE FUNCTION cache_clearing_fan_out()',
                            '', 'cache_clearing.fan_out', 'on'))) AS t(suffix, event, rest) LOOP
-        name := (SELECT relname FROM pg_class WHERE oid = queue) || trigger.suffix;
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', name, queue);
-        EXECUTE format('CREATE TRIGGER %I %s ON %s', name, trigger.event, queue) || trigger.rest;
+        name := (SELECT relname::text FROM pg_class WHERE oid = queue::oid) || trigger.suffix;
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', name, queue);
+        EXECUTE pg_catalog.format('CREATE TRIGGER %I %s ON %s', name, trigger.event, queue) || trigger.rest;
     END LOOP;
 END
 $$;
@@ -173,26 +180,26 @@ $$;
 -- trigger fans their rows out.  READ COMMITTED, so that it sees what the
 -- writers it waited for committed.
 CREATE OR REPLACE FUNCTION cache_clearing_add_consumers(VARIADIC names text[])
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     queues regclass[] := ARRAY(SELECT t.tgrelid::regclass FROM pg_trigger t
-                               WHERE t.tgfoid = 'cache_clearing_notify'::regproc
+                               WHERE t.tgfoid = 'cache_clearing_notify()'::regprocedure::oid
                                ORDER BY t.tgrelid);
     queue regclass;
     keys text;
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'cache_clearing_add_consumers() must run under READ COMMITTED,'
             ' to see the rows of the writers it waits for';
     END IF;
     FOREACH queue IN ARRAY queues LOOP
-        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', queue);
+        EXECUTE pg_catalog.format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', queue);
     END LOOP;
-    INSERT INTO cache_consumers SELECT DISTINCT unnest(names) ON CONFLICT DO NOTHING;
+    INSERT INTO cache_consumers SELECT DISTINCT pg_catalog.unnest(names) ON CONFLICT DO NOTHING;
     FOREACH queue IN ARRAY queues LOOP
-        SELECT string_agg(quote_ident(k.name) || ', ', '') INTO keys
+        SELECT pg_catalog.string_agg(pg_catalog.quote_ident(k.name) || ', ', '') INTO keys
             FROM cache_clearing_keys(queue) k;
-        EXECUTE format('WITH d AS (DELETE FROM %1$s WHERE consumer = %2$L RETURNING *)'
+        EXECUTE pg_catalog.format('WITH d AS (DELETE FROM %1$s WHERE consumer = %2$L RETURNING *)'
                        ' INSERT INTO %1$s (%3$s due_at, reclear, consumer)'
                        ' SELECT %3$s d.due_at, d.reclear, c.name'
                        ' FROM d CROSS JOIN cache_consumers c', queue, '', coalesce(keys, ''));
@@ -208,7 +215,7 @@ CREATE TABLE IF NOT EXISTS ports_cache_clearing (
     id        bigserial,
     category  text NOT NULL,
     port      text NOT NULL,
-    queued_at timestamptz NOT NULL DEFAULT now()
+    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 ALTER TABLE ports_cache_clearing DROP CONSTRAINT IF EXISTS ports_cache_clearing_pkey;
 -- The sequence hands each session ids a hundred at a time: a 30,000-row
@@ -230,14 +237,14 @@ DECLARE
     queued bigint := 0;
 BEGIN
     IF EXISTS (SELECT FROM cache_consumers) THEN
-        EXECUTE format('INSERT INTO ports_cache_clearing (category, port, consumer)'
+        EXECUTE pg_catalog.format('INSERT INTO ports_cache_clearing (category, port, consumer)'
                        ' SELECT r.category, r.name, c.name'
                        ' FROM %I r CROSS JOIN cache_consumers c', changed);
         GET DIAGNOSTICS queued = ROW_COUNT;
     END IF;
     -- None registered, or the last one retired since the line above.
     IF queued = 0 THEN
-        EXECUTE format('INSERT INTO ports_cache_clearing (category, port)'
+        EXECUTE pg_catalog.format('INSERT INTO ports_cache_clearing (category, port)'
                        ' SELECT category, name FROM %I', changed);
     END IF;
     RETURN NULL;
@@ -268,7 +275,7 @@ REVOKE EXECUTE ON FUNCTION cache_clearing_notify(), cache_clearing_look_for_cons
 -- and otherwise left alone, with one warning.
 DO $$
 BEGIN
-    IF to_regclass('ports') IS NULL THEN
+    IF pg_catalog.to_regclass('ports') IS NULL THEN
         CREATE TABLE ports (
             id       serial PRIMARY KEY,
             category text NOT NULL,
@@ -277,8 +284,8 @@ BEGIN
             UNIQUE (category, name)
         );
     END IF;
-    IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'ports'::regclass
-        AND attname IN ('category', 'name') AND atttypid = 'text'::regtype
+    IF (SELECT pg_catalog.count(*) FROM pg_attribute WHERE attrelid = 'ports'::regclass::oid
+        AND attname IN ('category', 'name') AND atttypid = 'text'::regtype::oid
         AND NOT attisdropped) < 2 THEN
         RAISE WARNING 'this database''s ports has no text columns category and name:'
             ' schema.sql installed the machinery and ports_cache_clearing, and left ports'
@@ -315,6 +322,35 @@ END
 $$;
 
 COMMIT;
+
+-- Whoever else may CREATE in this schema could still put a table or a
+-- function before the site's own, or the machinery's if it were not careful:
+-- said once, with the fix.  Superusers aside; pg_database_owner is the
+-- database's owner.
+DO $$
+DECLARE
+    grantees text;
+BEGIN
+    SELECT pg_catalog.string_agg(DISTINCT CASE WHEN a.grantee = 0::oid THEN 'PUBLIC'
+                                               ELSE pg_catalog.quote_ident(r.rolname) END, ', ')
+        INTO grantees
+        FROM pg_namespace n
+        CROSS JOIN pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a
+        LEFT JOIN pg_roles r ON r.oid = a.grantee
+        LEFT JOIN pg_database d ON d.datname = pg_catalog.current_database()
+        LEFT JOIN pg_roles o ON o.oid = d.datdba
+        WHERE n.nspname = pg_catalog.current_schema() AND a.privilege_type = 'CREATE'
+          AND a.grantee <> (SELECT oid FROM pg_roles WHERE rolname = CURRENT_USER)
+          AND NOT coalesce(r.rolsuper, false)
+          AND (r.rolname IS DISTINCT FROM 'pg_database_owner'
+               OR NOT (o.rolname = CURRENT_USER OR o.rolsuper));
+    IF grantees IS NOT NULL THEN
+        RAISE WARNING 'others may CREATE in schema %, and shadow what the site''s code calls:'
+            ' REVOKE CREATE ON SCHEMA % FROM %', pg_catalog.current_schema(),
+            pg_catalog.quote_ident(pg_catalog.current_schema()), grantees;
+    END IF;
+END
+$$;
 
 -- Least privilege: the daemon and the clearer need these, and nothing more.
 -- Connecting also needs CONNECT on the database and USAGE on the schema,

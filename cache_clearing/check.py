@@ -19,17 +19,19 @@ STATUS = ["OK", "WARNING", "CRITICAL", "UNKNOWN"]
 # seconds, and the daemons listening for it (by application_name, the second
 # array).
 CHECK_QUERY = (
-    "SELECT c.name, count(q.*), coalesce(EXTRACT(epoch FROM now() - min(q.due_at)), 0)::float8,"
-    " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-    " AND application_name = c.daemon)"
-    " FROM unnest(%s::text[], %s::text[]) AS c(name, daemon)"
-    " LEFT JOIN ({}) q ON q.consumer = c.name AND q.due_at <= now()"
+    "SELECT c.name, pg_catalog.count(q.*),"
+    " coalesce(EXTRACT(epoch FROM pg_catalog.now() - pg_catalog.min(q.due_at)), 0)::float8,"
+    " (SELECT pg_catalog.count(*) FROM pg_stat_activity"
+    " WHERE datname = pg_catalog.current_database() AND application_name = c.daemon)"
+    " FROM ROWS FROM (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[]))"
+    " AS c(name, daemon)"
+    " LEFT JOIN ({}) q ON q.consumer = c.name AND q.due_at <= pg_catalog.now()"
     " GROUP BY c.name, c.daemon ORDER BY c.name")
 # Rows left for '' while names are registered: no daemon clears them.
-STRANDED_QUERY = ("SELECT count(*) FROM ({}) q WHERE consumer = ''"
+STRANDED_QUERY = ("SELECT pg_catalog.count(*) FROM ({}) q WHERE consumer = ''"
                   " AND EXISTS (SELECT FROM cache_consumers)")
 # The key failing longest, of any of these consumers: which, and for how long.
-FAILING_QUERY = ("SELECT queue, key, EXTRACT(epoch FROM now() - since)::float8"
+FAILING_QUERY = ("SELECT queue, key, EXTRACT(epoch FROM pg_catalog.now() - since)::float8"
                  " FROM cache_clearing_failures WHERE consumer = ANY (%s) ORDER BY since LIMIT 1")
 
 

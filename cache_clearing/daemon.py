@@ -54,9 +54,9 @@ LATER = "later"         # the payload of a notification about rows due later onl
 # due now; NULL: none; rows due at infinity never are), how many are due at
 # infinity, and whether nothing can be queued for it.
 LOOK_QUERY = ("SELECT w.wait, w.never, " + UNREGISTERED + " FROM (SELECT"
-              " (EXTRACT(epoch FROM min(due_at) FILTER (WHERE due_at < 'infinity'))"
-              " - EXTRACT(epoch FROM now()))::float8 AS wait,"
-              " count(*) FILTER (WHERE due_at = 'infinity') AS never"
+              " (EXTRACT(epoch FROM pg_catalog.min(due_at) FILTER (WHERE due_at < 'infinity'))"
+              " - EXTRACT(epoch FROM pg_catalog.now()))::float8 AS wait,"
+              " pg_catalog.count(*) FILTER (WHERE due_at = 'infinity') AS never"
               " FROM ({}) AS q WHERE consumer = %(c)s) AS w")
 DUE_MARGIN = 0.02       # start a timed run this much late: due_at <= its now()
 LOCKED_RETRY = 1.0      # a queue locked by someone else: look again this much later

@@ -14,23 +14,23 @@ from .errors import ConfigError, psycopg2
 from .templates import Unusable
 
 # This consumer's due rows; now() is the transaction's start, the snapshot's time.
-DUE = "consumer = %(c)s AND due_at <= now()"
+DUE = "consumer = %(c)s AND due_at <= pg_catalog.now()"
 # Each queue's key columns and their types; whether it exists and is a queue.
 KEYS_QUERY = (
     "SELECT c.oid IS NOT NULL, EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid"
-    " AND t.tgname = c.relname || '_notify'),"
-    " ARRAY(SELECT k.name::text FROM cache_clearing_keys(c.oid) k),"
-    " ARRAY(SELECT k.type FROM cache_clearing_keys(c.oid) k)"
-    " FROM unnest(%s::text[]) WITH ORDINALITY AS q(name, i)"
-    " LEFT JOIN pg_class c ON c.oid = to_regclass(q.name) ORDER BY q.i")
+    " AND t.tgname = c.relname::text || '_notify'),"
+    " ARRAY(SELECT k.name::text FROM cache_clearing_keys(c.oid::regclass) k),"
+    " ARRAY(SELECT k.type FROM cache_clearing_keys(c.oid::regclass) k)"
+    " FROM pg_catalog.unnest(%s::text[]) WITH ORDINALITY AS q(name, i)"
+    " LEFT JOIN pg_class c ON c.oid = pg_catalog.to_regclass(q.name)::oid ORDER BY q.i")
 # True when nothing is queued for consumer %(c)s: '' while names are
 # registered, or a name that is not registered (none may be).
-UNREGISTERED = ("CASE WHEN %(c)s = '' THEN EXISTS (SELECT FROM cache_consumers)"
+UNREGISTERED = ("CASE WHEN %(c)s::text = '' THEN EXISTS (SELECT FROM cache_consumers)"
                 " ELSE NOT EXISTS (SELECT FROM cache_consumers WHERE name = %(c)s) END")
 REGISTERED = "SELECT name FROM cache_consumers ORDER BY name"
 # Sessions that wait on purpose; set_config, since PostgreSQL 13 has no
 # idle_session_timeout.
-NO_IDLE_TIMEOUTS = ("SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN"
+NO_IDLE_TIMEOUTS = ("SELECT pg_catalog.set_config(name, '0', false) FROM pg_settings WHERE name IN"
                     " ('idle_session_timeout', 'idle_in_transaction_session_timeout')")
 
 
@@ -106,8 +106,8 @@ def union(queues):
     """
     return psycopg2.sql.SQL(" UNION ALL ").join(
         psycopg2.sql.SQL("SELECT consumer, CASE WHEN due_at > '-infinity' THEN due_at ELSE"
-                         " coalesce((to_jsonb(t) ->> 'queued_at')::timestamptz, now()) END"
-                         " AS due_at FROM {} t").format(table(queue.table))
+                         " coalesce((pg_catalog.to_jsonb(t) ->> 'queued_at'::text)::timestamptz,"
+                         " pg_catalog.now()) END AS due_at FROM {} t").format(table(queue.table))
         for queue in queues)
 
 
@@ -186,17 +186,19 @@ def select_due(layout):
             columns[start + i] = sql.Identifier(name)
         texts = [sql.Identifier(name) for name, kind in keys
                  if kind == "text" or kind.startswith("character")]
-        too_long = sql.SQL(" OR ").join(sql.SQL("octet_length({}) > {}").format(
+        too_long = sql.SQL(" OR ").join(sql.SQL("pg_catalog.octet_length({}) > {}").format(
             text, sql.Literal(LONGEST)) for text in texts) if texts else sql.SQL("false")
         select = sql.SQL("SELECT DISTINCT {}, reclear, {}{} FROM {} WHERE " + DUE + " AND ({}) {}")
         branches.append(select.format(
-            sql.Literal(index), sql.SQL("NULL"), sql.Composed([sql.SQL(", ") + c for c in columns]),
+            sql.Literal(index), sql.SQL("NULL"),
+            sql.Composed([sql.SQL(", ") + c for c in columns]),
             table(queue.table), too_long, sql.SQL("IS NOT TRUE")))
         if texts:
-            said = sql.SQL("concat_ws(', ', {})").format(sql.SQL(", ").join(
-                sql.SQL("{} || '=' || quote_literal(left({}::text, 200)) || CASE WHEN"
-                        " length({}::text) > 200 THEN '... (' || length({}::text) ||"
-                        " ' characters)' ELSE '' END").format(
+            said = sql.SQL("pg_catalog.concat_ws(', ', {})").format(sql.SQL(", ").join(
+                sql.SQL("{}::text || '=' ||"
+                        " pg_catalog.quote_literal(pg_catalog.left({}::text, 200)) || CASE"
+                        " WHEN pg_catalog.length({}::text) > 200 THEN '... (' ||"
+                        " pg_catalog.length({}::text) || ' characters)' ELSE '' END").format(
                             sql.Literal(name), sql.Identifier(name), sql.Identifier(name),
                             sql.Identifier(name)) for name, _ in keys))
             branches.append(select.format(
@@ -275,7 +277,7 @@ def queue_again(cur, queue, keys, params):
     sql = psycopg2.sql
     cur.execute(sql.SQL(
         "INSERT INTO {} ({}consumer, due_at, reclear) SELECT {}%(c)s,"
-        " now() + f.delay * interval '1 second', %(reclear)s FROM {}").format(
+        " pg_catalog.now() + f.delay * interval '1 second', %(reclear)s FROM {}").format(
             table(queue.table),
             sql.Composed([sql.Identifier(name) + sql.SQL(", ") for name, _ in keys]),
             sql.SQL("".join("f.k%d, " % i for i in range(len(keys)))),
@@ -290,8 +292,10 @@ def unnest(keys, delay=False):
     if delay:
         arrays.append((sql.Placeholder("delay"), "float8"))
         names.append("delay")
-    return sql.SQL("unnest({}) AS f({})").format(
-        sql.SQL(", ").join(p + sql.SQL("::%s[]" % kind) for p, kind in arrays),
+    # ROWS FROM: a several-array unnest() is only understood unqualified.
+    return sql.SQL("ROWS FROM ({}) AS f({})").format(
+        sql.SQL(", ").join(sql.SQL("pg_catalog.unnest({}::%s[])" % kind).format(p)
+                           for p, kind in arrays),
         sql.SQL(", ".join(names)))
 
 
@@ -308,14 +312,16 @@ def columns(keys, queue_keys, delays=None):
 # processes of their own: the database keeps the log calm across them).
 FAILING = "SELECT queue, key FROM cache_clearing_failures WHERE consumer = %(c)s"
 FORGET = ("DELETE FROM cache_clearing_failures WHERE consumer = %(c)s AND (queue, key) IN"
-          " (SELECT * FROM unnest(%(queues)s::text[], %(keys)s::text[]))"
+          " (SELECT * FROM ROWS FROM (pg_catalog.unnest(%(queues)s::text[]),"
+          " pg_catalog.unnest(%(keys)s::text[])))"
           " RETURNING queue, key, since, attempts")
 RECORD = ("INSERT INTO cache_clearing_failures AS f (queue, consumer, key)"
-          " SELECT q, %(c)s, k FROM unnest(%(queues)s::text[], %(keys)s::text[]) AS u(q, k)"
+          " SELECT q, %(c)s, k FROM ROWS FROM (pg_catalog.unnest(%(queues)s::text[]),"
+          " pg_catalog.unnest(%(keys)s::text[])) AS u(q, k)"
           " ON CONFLICT (queue, consumer, key) DO UPDATE SET attempts = f.attempts + 1,"
-          " said_at = CASE WHEN f.said_at <= now() - interval '60 s' THEN now()"
-          " ELSE f.said_at END"
-          " RETURNING queue, key, since, attempts, said_at = now()")
+          " said_at = CASE WHEN f.said_at <= pg_catalog.now() - interval '60 s'"
+          " THEN pg_catalog.now() ELSE f.said_at END"
+          " RETURNING queue, key, since, attempts, said_at = pg_catalog.now()")
 
 
 def key_text(keys):
