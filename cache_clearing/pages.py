@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -25,11 +26,21 @@ UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits 
 THREADS_FROM = 1000     # targets per thread at least: a small batch takes one
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
-# A command is given no secret of ours, nor the daemon's progress pipe.
+# A command is given no secret of ours, nor the daemon's progress pipe, nor
+# any of libpq's variables (PGPASSWORD, PGPASSFILE, PGSERVICE, ...: PG*).
 WITHHELD = ("CLEAR_CACHE_DSN", "CLEAR_CACHE_CONFIG_TEXT", "CLEAR_CACHE_PROGRESS_FD")
 TICK = 0.1              # seconds between progress ticks while a command runs
 
 log = logging.getLogger("clear_cache")
+
+
+def kill_group(command):
+    """Kill the process group command leads, then reap command."""
+    try:
+        os.killpg(command.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass    # the group is gone
+    command.wait()
 
 
 def open_cache_dir(path, write=True):
@@ -141,26 +152,28 @@ class Cache:
         if self.dry_run:
             print("would run: " + shlex.join(argv))
             return True
-        env = {k: v for k, v in os.environ.items() if k not in WITHHELD}
-        try:    # its output goes to our stderr
-            command = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+        env = {k: v for k, v in os.environ.items()
+               if k not in WITHHELD and not k.startswith("PG")}
+        try:    # its output goes to our stderr; its process group is its own
+            command = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True,
                                        stdout=sys.stderr.fileno(), env=env)
         except OSError as e:
             self.fail(item, "command %s: %s" % (shlex.join(argv), e.strerror))
             return False
         deadline = time.monotonic() + timeout
-        while True:     # a command running within its timeout is progress
-            self.progress("running command %s" % shlex.join(argv))
-            try:
-                code = command.wait(min(TICK, max(0.0, deadline - time.monotonic())))
-                break
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline:
-                    command.kill()
-                    command.wait()
-                    self.fail(item, "command %s: still running after %g s: killed"
-                              % (shlex.join(argv), timeout))
-                    return False
+        try:
+            while True:     # a command running within its timeout is progress
+                self.progress("running command %s" % shlex.join(argv))
+                try:
+                    code = command.wait(min(TICK, max(0.0, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        self.fail(item, "command %s: still running after %g s: killed"
+                                  % (shlex.join(argv), timeout))
+                        return False
+        finally:    # nothing it started outlives it (a setsid is the site's business)
+            kill_group(command)
         if code:
             self.fail(item, "command %s: exited with %s" % (shlex.join(argv), exit_status(code)))
         return code == 0

@@ -370,6 +370,40 @@ def test_a_command_still_running_at_its_timeout_is_killed_and_keeps_its_rows(que
     assert sql(queues, "SELECT count(*) FROM q_dates") == [(1,)]
 
 
+def running(pid):
+    """Whether pid is a live process (not gone, not a zombie)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("timeout, ending", [("0.5", "& wait"), ("20", "")])
+def test_nothing_a_command_started_outlives_it(queues, cache, tmp_path, timeout, ending):
+    pids = tmp_path / "pids"
+    config = command_config(tmp_path, "/bin/sh -c 'sleep 47 >/dev/null 2>&1 & echo $! > %s %s'"
+                            % (pids, ending), timeout=timeout)
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
+    result = clear("--config", config, dsn=queues, cache=cache)
+    assert result.returncode == (1 if ending else 0), result.stderr
+    pid = int(pids.read_text())
+    wait_for(lambda: not running(pid), timeout=5, what="the sleep it started to be gone")
+
+
+def test_a_command_gets_nothing_of_the_connection(queues, cache, tmp_path):
+    seen = tmp_path / "env"
+    config = command_config(tmp_path, "/bin/sh -c 'env > %s'" % seen)
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
+    result = clear("--config", config, dsn=queues, cache=cache,
+                   env={"PGPASSWORD": "secret", "PGPASSFILE": str(tmp_path / "pgpass"),
+                        "PGAPPNAME": "clearer", "PGCONNECT_TIMEOUT": "10"})
+    assert result.returncode == 0, result.stderr
+    names = [line.split("=", 1)[0] for line in seen.read_text().splitlines()]
+    assert "PATH" in names
+    assert [n for n in names if n.startswith(("PG", "CLEAR_CACHE"))] == [], names
+
+
 def test_a_queue_without_keys_runs_its_command_once_per_run(queues, cache, tmp_path):
     log = tmp_path / "ran"
     config = write_config(tmp_path, "[q_all]\ncommand = /bin/sh -c 'echo x >> %s'\n"
