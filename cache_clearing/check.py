@@ -16,14 +16,17 @@ from .queues import (REGISTERED, UNREGISTERED, connect, daemon_name, union,
 OK, WARNING, CRITICAL, UNKNOWN = range(4)     # Nagios plugin exit codes
 STATUS = ["OK", "WARNING", "CRITICAL", "UNKNOWN"]
 # For each consumer: its due rows in every queue, the age of the oldest in
-# seconds, and the daemons listening for it (by application_name, the second
-# array).
+# seconds, and the daemons listening for it: sessions of the daemon's role
+# (%(role)s) with the application_name it sets for itself (the second array).
+# A name alone proves nothing: any session may take it.
 CHECK_QUERY = (
     "SELECT c.name, pg_catalog.count(q.*),"
     " coalesce(EXTRACT(epoch FROM pg_catalog.now() - pg_catalog.min(q.due_at)), 0)::float8,"
     " (SELECT pg_catalog.count(*) FROM pg_stat_activity"
-    " WHERE datname = pg_catalog.current_database() AND application_name = c.daemon)"
-    " FROM ROWS FROM (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[]))"
+    " WHERE datname = pg_catalog.current_database() AND application_name = c.daemon"
+    " AND usename = coalesce(%(role)s, CURRENT_USER))"
+    " FROM ROWS FROM (pg_catalog.unnest(%(names)s::text[]),"
+    " pg_catalog.unnest(%(daemons)s::text[]))"
     " AS c(name, daemon)"
     " LEFT JOIN ({}) q ON q.consumer = c.name AND q.due_at <= pg_catalog.now()"
     " GROUP BY c.name, c.daemon ORDER BY c.name")
@@ -46,6 +49,9 @@ def add_options(parser):
                        help="WARNING when the oldest due row is this old (default: 60)")
     group.add_argument("--crit", metavar="SECONDS", type=seconds(0), default=300.0,
                        help="CRITICAL when it is this old (default: 300)")
+    group.add_argument("--daemon-role", metavar="ROLE", help="the role the daemons connect"
+                       " as: only its sessions count as listeners (default: the role the"
+                       " check connects as)")
 
 
 def wanted(argv):
@@ -71,7 +77,7 @@ def main(argv=None):
     try:
         config = load_config(args, cache=False)
         require_psycopg2()
-        rows, unregistered, stranded, failing = read_status(config)
+        rows, unregistered, stranded, failing = read_status(config, args.daemon_role)
     except ConfigError as e:
         return report(UNKNOWN, str(e))
     except DATABASE_ERROR as e:
@@ -80,7 +86,7 @@ def main(argv=None):
                          args.crit))
 
 
-def read_status(config):
+def read_status(config, role=None):
     """(consumer, rows due, age of the oldest, listeners) per consumer; is it unregistered?
     how many rows are stranded for ''; and the key failing longest, (queue, key, seconds)."""
     conn = connect(config.dsn, connect_timeout=10)
@@ -94,7 +100,8 @@ def read_status(config):
                 cur.execute(REGISTERED)
                 consumers = [name for name, in cur] or [""]
             cur.execute(psycopg2.sql.SQL(CHECK_QUERY).format(union(config.queues)),
-                        [consumers, [daemon_name(c) for c in consumers]])
+                        {"names": consumers, "daemons": [daemon_name(c) for c in consumers],
+                         "role": role})
             rows = cur.fetchall()
             cur.execute(psycopg2.sql.SQL(STRANDED_QUERY).format(union(config.queues)))
             stranded = cur.fetchone()[0]

@@ -5,6 +5,7 @@ PostgreSQL reads an unquoted name (folded to lower case) and quoted.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -72,9 +73,16 @@ def lock_timeout(seconds):
 
 
 def daemon_name(consumer):
-    """The application_name a daemon sets for itself: it says which consumer it serves."""
+    """The application_name a daemon sets for itself: it says which consumer it serves.
+
+    PostgreSQL keeps 63 bytes of it, printable ASCII only: a longer name, or
+    one with other characters, is its first characters and a digest of it all.
+    """
     name = "listen_clear_cache.py" + (" " + consumer if consumer else "")
-    return name.encode()[:63].decode(errors="ignore")     # PostgreSQL keeps 63 bytes
+    if len(name) <= 63 and name.isascii() and name.isprintable():
+        return name
+    shown = "".join(c if c.isascii() and c.isprintable() else "?" for c in name[:40])
+    return "%s~%s" % (shown, hashlib.sha256(consumer.encode()).hexdigest()[:22])
 
 
 def unregistered_reason(consumer):

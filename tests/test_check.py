@@ -1,5 +1,6 @@
 """clear_cache.py --check, the monitoring plugin."""
 
+import os
 import re
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from tests.fixtures.common import wait_for
 from tests.fixtures.daemon import clean_env, CLEAR, check
-from tests.fixtures.database import all_queued, backends, queue_quietly
+from tests.fixtures.database import all_queued, backends, queue_quietly, sql
 
 
 # -------------------------------------------------------- the monitoring check
@@ -105,3 +106,42 @@ def test_check_named_while_none_is_registered_is_critical(db, cache, daemon):
     wait_for(lambda: backends(db, "listen_clear_cache.py web1"), what="its connection")
     line = one_line_on_stdout(check("--consumer", "web1", dsn=db), 2)
     assert "consumer 'web1' is not registered in cache_consumers" in line, line
+
+
+# ------------------------------------------------- a listener is proven, not named
+
+def test_a_session_that_names_itself_like_the_daemon_is_no_listener(db, admin_dsn):
+    role = "lcc_forger_%d" % os.getpid()
+    sql(admin_dsn, "DROP ROLE IF EXISTS %s; CREATE ROLE %s LOGIN" % (role, role))
+    forger = psycopg2.connect(psycopg2.extensions.make_dsn(
+        db, user=role, application_name="listen_clear_cache.py"))
+    try:
+        assert backends(db, "listen_clear_cache.py")
+        result = check(dsn=db)
+        assert result.returncode == 2 and "0 listeners" in result.stdout, result
+    finally:
+        forger.close()
+        sql(admin_dsn, "DROP ROLE %s" % role)
+
+
+@pytest.mark.parametrize("names", [("w" * 41 + "-one", "w" * 41 + "-two"),
+                                   ("wéb1", "web1"), ("x" * 300, "x" * 299)])
+def test_consumers_of_any_name_are_told_apart_and_found(db, cache, daemon, names):
+    sql(db, "INSERT INTO cache_consumers VALUES (%s), (%s)", names)
+    d = daemon(cache, "--consumer", names[0], "--heartbeat", "600")
+    d.wait_ready()
+    result = check("--consumer", names[0], dsn=db)
+    assert result.returncode == 0 and "1 listener" in result.stdout, result
+    result = check("--consumer", names[1], dsn=db)
+    assert result.returncode == 2 and "0 listeners" in result.stdout, result
+
+
+def test_a_monitoring_role_names_the_daemons_role(db, cache, daemon, least):
+    d = daemon(cache, "--heartbeat", "600", dsn=least)
+    d.wait_ready()
+    result = check(dsn=db)      # the test's own role: the daemon is not one of its sessions
+    assert result.returncode == 2 and "0 listeners" in result.stdout, result
+    role = psycopg2.extensions.parse_dsn(least)["user"]
+    result = check("--daemon-role", role, dsn=db)
+    assert result.returncode == 0 and "1 listener" in result.stdout, result
+    assert check(dsn=least).returncode == 0     # run as the daemon's role: no option

@@ -1,7 +1,5 @@
 """Least privilege: the grants schema.sql documents are enough."""
 
-import os
-
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
@@ -14,17 +12,6 @@ from tests.fixtures.files import make_immutable, make_page
 
 
 # ---------------------------------------------------------- least privilege
-
-@pytest.fixture
-def least(db):
-    """A role with exactly schema.sql's grants; its DSN."""
-    role = "lcc_least_%d" % os.getpid()
-    sql(db, "DROP ROLE IF EXISTS %s" % role)
-    for grant in GRANTS:
-        sql(db, grant.replace("freshports_cache", role))
-    yield psycopg2.extensions.make_dsn(db, user=role)
-    sql(db, "DROP OWNED BY %s; DROP ROLE %s" % (role, role))
-
 
 def test_least_privilege_is_enough_and_no_more(db, cache, daemon, least):
     assert len(GRANTS) == 5, GRANTS
