@@ -308,7 +308,7 @@ def account(db, tmp_path):
     subprocess.run(["userdel", name], check=False)
 
 
-def test_daemontools_run_script_runs_the_daemon_as_its_account(db, tmp_path, account):
+def test_daemontools_run_script_runs_the_daemon_as_its_account(db, tmp_path, account, proxy):
     name, home = account
     add_ports(db, "www/a")
     # Beside the checkout: pytest's own temporary directories are root's alone.
@@ -321,7 +321,10 @@ def test_daemontools_run_script_runs_the_daemon_as_its_account(db, tmp_path, acc
     shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
     for var, value in {"LCC_ACCOUNT": name, "LCC_HOME": str(home),
                        "CLEAR_CACHE_DIR": str(cache), "CLEAR_CACHE_PAGES": "",
-                       "CLEAR_CACHE_DSN": psycopg2.extensions.make_dsn(db, user=name)}.items():
+                       # Over TCP: the checkout's own server lets no other account
+                       # reach its socket.
+                       "CLEAR_CACHE_DSN": psycopg2.extensions.make_dsn(
+                           db, user=name, host="127.0.0.1", port=proxy.port)}.items():
         (svc / "env" / var).write_text(value + "\n")
     (svc / "env" / "CLEAR_CACHE_DSN").chmod(0o600)
     log = tmp_path / "run.log"

@@ -116,6 +116,22 @@ def test_no_server_at_libpqs_defaults_runs_the_demo_on_the_checkouts_own(checkou
         assert int(uid) == make_pg.server_account().pw_uid != 0
 
 
+def test_the_checkouts_server_lets_in_root_and_its_own_account_only(checkout):
+    require(os.geteuid() == 0, "root", "running psql as another account needs it")
+    result = make(checkout, "demo", "PG=embedded")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = checkout / ".pg" / "run"
+    assert run.stat().st_mode & 0o077 == 0, oct(run.stat().st_mode)
+    server = make_pg.server_account().pw_name
+    other = next(name for name in ("nobody", "daemon") if name != server)
+    psql = ["psql", "-X", "-h", str(run), "-U", "postgres", "-d", "postgres", "-Atc", "SELECT 1"]
+    refused = subprocess.run(psql, user=other, capture_output=True, text=True, cwd="/")
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
+    for account in ("root", server):    # the printed commands work for them
+        ran = subprocess.run(psql, user=account, capture_output=True, text=True, cwd="/")
+        assert ran.stdout == "1\n", ran
+
+
 def test_pg_embedded_is_used_even_where_a_server_answers(checkout, database):
     host, port = server_location(database)
     result = make(checkout, "demo", "PG=embedded",

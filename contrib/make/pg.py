@@ -147,9 +147,9 @@ def start_server():
     """Start the cluster unless it runs; "started" or "already running"."""
     if as_server(["pg_ctl", "status", "-D", DATA], stdout=subprocess.DEVNULL).returncode == 0:
         return "already running"
-    # Any local account may reach the socket, as on a system server: the tests
-    # run daemons as accounts of their own.
-    give_to_server(RUN, 0o755)
+    # Its owner's alone (and root's): a trial server trusts whoever reaches its
+    # socket, and as root it runs as postgres, the system cluster's owner.
+    give_to_server(RUN, 0o700)
     options = "-c listen_addresses='' -k %s -p %s" % (shlex.quote(str(RUN)), PORT)
     # No pipes: the postmaster would inherit them and hold them open.
     result = as_server(["pg_ctl", "start", "-w", "-t", "60", "-D", DATA, "-l", LOG,
