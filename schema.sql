@@ -125,11 +125,32 @@ LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     refused record;
     trigger record;
+    base text;
     name text;
 BEGIN
     -- A row is due once due_at has passed; any program may queue a clear for
     -- later.  reclear marks the second clear that follows a change, for
-    -- renders that raced the first: clearing it queues nothing.
+    -- renders that raced the first: clearing it queues nothing.  Columns of
+    -- those names that the table has already must be just that.
+    SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type,
+           pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS def, w.type AS wanted_type,
+           w.def AS wanted_def
+        INTO refused
+        FROM pg_attribute a
+        JOIN (VALUES ('due_at', 'timestamp with time zone', 'now()'),
+                     ('reclear', 'boolean', 'false'),
+                     ('consumer', 'text', '''''::text')) AS w(name, type, def)
+          ON a.attname = w.name
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = queue::oid AND NOT a.attisdropped
+          AND (pg_catalog.format_type(a.atttypid, a.atttypmod) <> w.type
+               OR pg_catalog.pg_get_expr(d.adbin, d.adrelid) IS DISTINCT FROM w.def)
+        ORDER BY a.attnum LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cache_clearing_queue(%): column % is % DEFAULT %, not % DEFAULT %:'
+            ' rename or alter it first', queue, refused.attname, refused.type,
+            coalesce(refused.def, 'NULL'), refused.wanted_type, refused.wanted_def;
+    END IF;
     EXECUTE pg_catalog.format('ALTER TABLE %s'
                    ' ADD COLUMN IF NOT EXISTS due_at timestamptz NOT NULL DEFAULT pg_catalog.now(),'
                    ' ADD COLUMN IF NOT EXISTS reclear boolean NOT NULL DEFAULT false,'
@@ -155,19 +176,35 @@ BEGIN
             ' re-clears would collide; drop it first', queue, refused.kind, refused.what,
             refused.columns;
     END IF;
-    -- Its three triggers, each TABLE_suffix: (suffix, what follows ON TABLE).
+    -- Its three triggers, each TABLE_suffix, the table's name cut to fit 63
+    -- bytes: (suffix, event, what follows ON TABLE, the function).  A trigger
+    -- of that name that runs another function is the site's: left alone.
     FOR trigger IN SELECT * FROM (VALUES
         ('_notify', 'AFTER INSERT', ' REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT'
-                    ' EXECUTE FUNCTION cache_clearing_notify()'),
+                    ' EXECUTE FUNCTION cache_clearing_notify()',
+         'cache_clearing_notify()'::regprocedure),
         ('_consumers', 'BEFORE INSERT',
-                    ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_look_for_consumers()'),
+                    ' FOR EACH STATEMENT EXECUTE FUNCTION cache_clearing_look_for_consumers()',
+         'cache_clearing_look_for_consumers()'::regprocedure),
         ('_fan_out', 'BEFORE INSERT',
-                    pg_catalog.format(' FOR EACH ROW WHEN (NEW.consumer = %L AND pg_catalog.current_setting(%L, true)'
-                           ' = %L) EXECUTE FUNCTION cache_clearing_fan_out()',
-                           '', 'cache_clearing.fan_out', 'on'))) AS t(suffix, event, rest) LOOP
-        name := (SELECT relname::text FROM pg_class WHERE oid = queue::oid) || trigger.suffix;
+                    pg_catalog.format(' FOR EACH ROW WHEN (NEW.consumer = %L AND'
+                                      ' pg_catalog.current_setting(%L, true) = %L)'
+                                      ' EXECUTE FUNCTION cache_clearing_fan_out()',
+                                      '', 'cache_clearing.fan_out', 'on'),
+         'cache_clearing_fan_out()'::regprocedure)) AS t(suffix, event, rest, fn) LOOP
+        base := (SELECT relname::text FROM pg_class WHERE oid = queue::oid);
+        WHILE pg_catalog.octet_length(base || trigger.suffix) > 63 LOOP
+            base := pg_catalog.left(base, -1);
+        END LOOP;
+        name := base || trigger.suffix;
+        IF EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = queue::oid AND t.tgname = name
+                   AND t.tgfoid <> trigger.fn::oid) THEN
+            RAISE EXCEPTION 'cache_clearing_queue(%): it has a trigger % of its own, which'
+                ' this would replace: rename it first', queue, name;
+        END IF;
         EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', name, queue);
-        EXECUTE pg_catalog.format('CREATE TRIGGER %I %s ON %s', name, trigger.event, queue) || trigger.rest;
+        EXECUTE pg_catalog.format('CREATE TRIGGER %I %s ON %s', name, trigger.event, queue)
+            || trigger.rest;
     END LOOP;
 END
 $$;

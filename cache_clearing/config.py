@@ -67,8 +67,10 @@ class Config:
     def environ(self):
         """The environment that hands this configuration to a clearer.
 
-        The configuration file goes as the text read at start-up: an edited
-        file takes effect when the daemon restarts.
+        The configuration file goes as the text read at start-up, in a file
+        the daemon opens (CLEAR_CACHE_CONFIG_FD, its caller's to add): an
+        edited file takes effect when the daemon restarts, and a large one
+        fits, as no environment variable over 128 KiB would.
         """
         env = dict(os.environ, CLEAR_CACHE_DSN=self.dsn, CLEAR_CACHE_DIR=self.cache_dir,
                    CLEAR_CACHE_AGAIN_AFTER=repr(self.again_after),
@@ -76,7 +78,7 @@ class Config:
                    CLEAR_CACHE_GIVE_UP_AFTER=repr(self.give_up))
         if self.source:
             env.pop("CLEAR_CACHE_PAGES", None)
-            env.update(CLEAR_CACHE_CONFIG=self.source[0], CLEAR_CACHE_CONFIG_TEXT=self.source[1])
+            env["CLEAR_CACHE_CONFIG"] = self.source[0]
         else:
             env["CLEAR_CACHE_PAGES"] = " ".join(t.text for t in self.queues[0].pages)
         return env
@@ -202,7 +204,8 @@ def load_config(args, give_up=DEFAULT_GIVE_UP, dsn=True, cache=True):
             raise ConfigError("%s: --pages and CLEAR_CACHE_PAGES go without --config: its"
                               " sections name the pages" % name)
         # The daemon hands its clearers the text it read at start-up.
-        source = name, os.environ.get("CLEAR_CACHE_CONFIG_TEXT") or read_file(name)
+        fd = os.environ.get("CLEAR_CACHE_CONFIG_FD", "")
+        source = name, read_fd(int(fd)) if fd.isdigit() else read_file(name)
         queues = read_queues(*source)
     else:
         queues = (Queue(DEFAULT_QUEUE, tuple(Page(t, PORT_KEYS) for t in pages or DEFAULT_PAGES),
@@ -219,10 +222,23 @@ def read_file(name):
         raise ConfigError("%s: %s" % (name, getattr(e, "strerror", None) or e)) from None
 
 
+def read_fd(fd):
+    """The text of the file the daemon opened for its clearers (read from its start:
+    they share the offset)."""
+    try:
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8")
+    except (OSError, UnicodeError) as e:
+        raise ConfigError("CLEAR_CACHE_CONFIG_FD: %s" % (getattr(e, "strerror", None) or e)
+                          ) from None
+
+
 def read_queues(name, text):
     """The queues an INI file names: [TABLE] with pages, command, again_after, timeout."""
-    # No interpolation (% is literal), and no [DEFAULT]: every section is a table.
-    ini = configparser.ConfigParser(interpolation=None, default_section="]")
+    # No interpolation (% is literal), and no [DEFAULT]: every section is a
+    # table.  configparser's defaults go in a section no header can name.
+    ini = configparser.ConfigParser(interpolation=None, default_section="\n")
+    if re.search(r"^\s*\[\s*\]\s*$", text, re.M):     # configparser skips it
+        raise ConfigError("%s: []: not a table name" % name)
     try:
         ini.read_string(text, name)
     except configparser.Error as e:
@@ -236,7 +252,7 @@ def read_queues(name, text):
 def read_queue(name, table, section):
     """The Queue of one section [TABLE]."""
     where = "%s: [%s]" % (name, table)
-    if not TABLE_NAME.match(table):
+    if not TABLE_NAME.match(table) or table.upper() == "DEFAULT":
         raise ConfigError("%s: not a table name" % where)
     for option in section:
         if option not in QUEUE_OPTIONS:

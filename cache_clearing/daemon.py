@@ -20,6 +20,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from .config import Parser, add_common_options, env_flag, load_config, seconds, setup_logging
@@ -156,6 +157,13 @@ class Clearers:
     def __init__(self, config, flags, warm):
         self.argv = [sys.executable, CLEARER, "--for-daemon"] + flags
         self.env = config.environ()     # secrets go through the environment: ps shows argv
+        self.fds = ()
+        if config.source:   # the configuration's text, in a file of no name
+            self.config_file = tempfile.TemporaryFile()
+            self.config_file.write(config.source[1].encode("utf-8"))
+            self.config_file.flush()
+            self.fds = (self.config_file.fileno(),)
+            self.env["CLEAR_CACHE_CONFIG_FD"] = str(self.fds[0])
         self.warm = warm
         self.running = None             # the run's process
         self.deadline = NEVER           # when it is killed: a backstop
@@ -174,7 +182,7 @@ class Clearers:
             # the daemon, which then lets the clearer finish.
             proc = subprocess.Popen(self.argv + list(args), start_new_session=True,
                                     env=dict(self.env, CLEAR_CACHE_PROGRESS_FD=str(writer)),
-                                    pass_fds=(writer,), **kwargs)
+                                    pass_fds=(writer,) + self.fds, **kwargs)
         except OSError:
             os.close(reader)
             raise

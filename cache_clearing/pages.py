@@ -28,7 +28,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
 # A command is given no secret of ours, nor the daemon's progress pipe, nor
 # any of libpq's variables (PGPASSWORD, PGPASSFILE, PGSERVICE, ...: PG*).
-WITHHELD = ("CLEAR_CACHE_DSN", "CLEAR_CACHE_CONFIG_TEXT", "CLEAR_CACHE_PROGRESS_FD")
+WITHHELD = ("CLEAR_CACHE_DSN", "CLEAR_CACHE_CONFIG_FD", "CLEAR_CACHE_PROGRESS_FD")
 TICK = 0.1              # seconds between progress ticks while a command runs
 
 log = logging.getLogger("clear_cache")

@@ -18,8 +18,8 @@ from .templates import Unusable
 DUE = "consumer = %(c)s AND due_at <= pg_catalog.now()"
 # Each queue's key columns and their types; whether it exists and is a queue.
 KEYS_QUERY = (
-    "SELECT c.oid IS NOT NULL, EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid"
-    " AND t.tgname = c.relname::text || '_notify'),"
+    "SELECT c.oid, EXISTS (SELECT FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+    " WHERE t.tgrelid = c.oid AND p.proname = 'cache_clearing_notify'),"
     " ARRAY(SELECT k.name::text FROM cache_clearing_keys(c.oid::regclass) k),"
     " ARRAY(SELECT k.type FROM cache_clearing_keys(c.oid::regclass) k)"
     " FROM pg_catalog.unnest(%s::text[]) WITH ORDINALITY AS q(name, i)"
@@ -160,10 +160,14 @@ def read_keys(cur, queues):
 
 def take_keys(queues, rows, raw=False):
     """The Layout from KEYS_QUERY's rows, or ConfigError."""
-    found = []
-    for queue, (exists, is_queue, names, types) in zip(queues, rows):
-        if not exists:
+    found, seen = [], {}
+    for queue, (oid, is_queue, names, types) in zip(queues, rows):
+        if oid is None:
             raise ConfigError("queue %s: no such table" % queue.table)
+        if oid in seen:
+            raise ConfigError("queue %s: the same table as queue %s; name it once"
+                              % (queue.table, seen[oid]))
+        seen[oid] = queue.table
         if not is_queue:
             raise ConfigError("queue %s: not a queue (SELECT cache_clearing_queue('%s') makes"
                               " it one)" % (queue.table, queue.table))

@@ -65,6 +65,8 @@ class Fields:
         self.literal = "".join(literal for literal, _, _ in self.pieces)
         self.names = {name for _, name, _ in self.pieces if name is not None}
         for name in sorted(self.names):
+            if name == "" or name.isdigit():
+                self.refuse("{%s} names no key column; a placeholder is {NAME}" % name)
             if keys is not None and name not in dict(keys):
                 self.refuse("unknown placeholder {%s}; there are %s"
                             % (name, ", ".join("{%s}" % k for k, _ in keys)))

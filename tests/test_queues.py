@@ -10,7 +10,8 @@ import psycopg2.errors
 import pytest
 
 from tests.fixtures.common import SCHEMA, wait_for
-from tests.fixtures.daemon import clean_env, CLEAR, LISTEN, assert_one_line_error, clear
+from tests.fixtures.daemon import (CLEAR, LISTEN, assert_one_line_error, check, clean_env,
+                                   clear)
 from tests.fixtures.database import add_ports, create_database, drop_database, sql
 from tests.fixtures.files import make_page
 from tests.fixtures.proxy import free_port
@@ -173,6 +174,12 @@ def test_nobody_else_may_use_the_machinery_on_a_table_of_their_own(roles):
     ("[q_dates]\ncommand = /bin/true\ntimeout = 0\n", "[q_dates] timeout: expected"),
     ("[q_dates]\ncommand = 'unterminated\n", "[q_dates] command: No closing quotation"),
     ("[q-dates]\npages = x\n", "[q-dates]: not a table name"),
+    ("[]]\ncommand = /bin/true\n[q_dates]\npages = d/{day}\n", "[]]: not a table name"),
+    ("[DEFAULT]\npages = x/*\n", "[DEFAULT]: not a table name"),
+    ("[default]\npages = x/*\n", "[default]: not a table name"),
+    ("[q_dates]\npages = d/{day}\n[]\npages = x/*\n", "[]: not a table name"),
+    ("[q_dates]\npages = a/{}\n", "{} names no key column"),
+    ("[q_dates]\ncommand = /bin/echo {0}\n", "{0} names no key column"),
     ("no section\n", "File contains no section headers"),
     ("", "no queue"),
 ])
@@ -209,11 +216,88 @@ def test_the_configuration_comes_from_the_environment_and_percent_is_literal(
     assert not page.exists()
 
 
-def test_a_default_section_names_a_table_like_any_other(queues, cache, tmp_path):
-    config = write_config(tmp_path, "[DEFAULT]\npages = x/*\n")
+def test_table_names_are_quoted_so_user_and_order_work(queues, cache, tmp_path, daemon):
+    sql(queues, 'DROP TABLE IF EXISTS "user", "order"; CREATE TABLE "user" (name text);'
+        ' CREATE TABLE "order" (n integer)')
+    sql(queues, """SELECT cache_clearing_queue('"user"'), cache_clearing_queue('"order"')""")
+    config = write_config(tmp_path, "[user]\npages = u/{name}\n[order]\npages = o/{n}\n")
+    d = daemon(cache, "--config", config, "--heartbeat", "600", "--again-after", "0")
+    d.wait_ready()
+    pages = [make_page(cache, "u", "bob"), make_page(cache, "o", "7")]
+    sql(queues, 'INSERT INTO "user" VALUES (\'bob\'); INSERT INTO "order" VALUES (7)')
+    wait_for(lambda: not any(p.exists() for p in pages), what="both tables' pages")
+    assert "ERROR" not in d.log(), d.log()
+    sql(queues, 'DROP TABLE "user", "order"')
+
+
+def test_one_table_under_two_names_is_exit_2(queues, cache, tmp_path):
+    config = write_config(tmp_path, "[q_dates]\npages = d/{day}\n"
+                          "[public.q_dates]\ncommand = /bin/true\n")
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
     result = clear("--config", config, dsn=queues, cache=cache)
     assert_one_line_error(result, 2)
-    assert "queue DEFAULT: no such table" in result.stderr
+    assert "the same table as queue q_dates" in result.stderr, result.stderr
+    assert sql(queues, "SELECT count(*) FROM q_dates") == [(1,)]
+
+
+@pytest.mark.parametrize("length", [56, 57, 63])
+def test_a_table_name_of_any_length_works_end_to_end(queues, cache, tmp_path, length):
+    table = ("q_long_" + "x" * 63)[:length]
+    sql(queues, "DROP TABLE IF EXISTS %s; CREATE TABLE %s (k text)" % (table, table))
+    sql(queues, "SELECT cache_clearing_queue(%s)", (table,))
+    assert sql(queues, "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass",
+               (table,)) == [(3,)]
+    config = write_config(tmp_path, "[%s]\npages = l/{k}\n" % table)
+    page = make_page(cache, "l", "a")
+    sql(queues, "INSERT INTO %s (k) VALUES ('a')" % table)
+    result = clear("--config", config, "--again-after", "0", dsn=queues, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert not page.exists()
+    assert check("--config", config, dsn=queues).stdout.startswith(
+        "CLEAR_CACHE CRITICAL - 0 rows due"), "no listener, and nothing left due"
+    sql(queues, "DROP TABLE %s" % table)
+
+
+def test_a_configuration_of_any_size_reaches_the_daemons_clearers(queues, cache, tmp_path,
+                                                                  daemon):
+    config = write_config(tmp_path, "# %s\n[q_dates]\npages = d/{day}.html\n"
+                          % ("padding " * 40_000))       # 320 KB
+    d = daemon(cache, "--config", config, "--heartbeat", "600", "--again-after", "0")
+    d.wait_ready()
+    page = make_page(cache, "d", "2026-11-30.html")
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
+    wait_for(lambda: not page.exists(), what="the page, by a clearer the daemon started")
+    assert "Argument list too long" not in d.log(), d.log()
+
+
+def test_the_machinery_never_replaces_a_trigger_of_the_sites_own(queues):
+    sql(queues, "DROP TABLE IF EXISTS q_plain; CREATE TABLE q_plain (k text)")
+    sql(queues, "CREATE OR REPLACE FUNCTION site_audit() RETURNS trigger LANGUAGE plpgsql AS"
+        " 'BEGIN RETURN NULL; END'; CREATE TRIGGER q_plain_notify AFTER INSERT ON q_plain"
+        " FOR EACH STATEMENT EXECUTE FUNCTION site_audit()")
+    with pytest.raises(psycopg2.errors.RaiseException,
+                       match="has a trigger q_plain_notify of its own"):
+        sql(queues, "SELECT cache_clearing_queue('q_plain')")
+    assert sql(queues, "SELECT t.tgname, p.proname FROM pg_trigger t JOIN pg_proc p"
+               " ON p.oid = t.tgfoid WHERE t.tgrelid = 'q_plain'::regclass") == [
+        ("q_plain_notify", "site_audit")]
+    sql(queues, "DROP FUNCTION site_audit() CASCADE")
+
+
+@pytest.mark.parametrize("column", ["consumer integer", "consumer text DEFAULT 'web1'",
+                                    "due_at timestamp DEFAULT now()", "reclear text",
+                                    "due_at timestamptz DEFAULT now() + interval '1 s'"])
+def test_the_machinery_refuses_its_columns_of_another_kind(queues, column):
+    sql(queues, "DROP TABLE IF EXISTS q_plain; CREATE TABLE q_plain (k text, %s)" % column)
+    before = sql(queues, "SELECT attname FROM pg_attribute WHERE attrelid = 'q_plain'::regclass"
+                 " AND attnum > 0 ORDER BY attnum")
+    with pytest.raises(psycopg2.errors.RaiseException,
+                       match=r"column %s is .* not " % column.split()[0]):
+        sql(queues, "SELECT cache_clearing_queue('q_plain')")
+    assert sql(queues, "SELECT attname FROM pg_attribute WHERE attrelid = 'q_plain'::regclass"
+               " AND attnum > 0 ORDER BY attnum") == before
+    assert sql(queues, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'q_plain'::regclass"
+               ) == [(0,)]
 
 
 @pytest.mark.parametrize("text, says", [
