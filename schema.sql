@@ -244,21 +244,6 @@ BEGIN
 END
 $$;
 
--- The queue of port pages.  Ids name rows in messages; the sequence keeps
--- them unique.  No index: the clearer reads the whole due queue anyway, and
--- a primary key was more than half of what the trigger cost an UPDATE of
--- ports.
-CREATE TABLE IF NOT EXISTS ports_cache_clearing (
-    id        bigserial,
-    category  text NOT NULL,
-    port      text NOT NULL,
-    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
-);
-ALTER TABLE ports_cache_clearing DROP CONSTRAINT IF EXISTS ports_cache_clearing_pkey;
--- The sequence hands each session ids a hundred at a time: a 30,000-row
--- statement then queues its rows much faster.  Ids only need to be unique.
-ALTER SEQUENCE ports_cache_clearing_id_seq CACHE 100;
-DO $$ BEGIN PERFORM cache_clearing_queue('ports_cache_clearing'); END $$;
 DROP FUNCTION IF EXISTS ports_cache_clearing_notify();     -- the seed's, replaced
 
 -- Statement-level, with transition tables: one INSERT ... SELECT per
@@ -307,11 +292,22 @@ REVOKE EXECUTE ON FUNCTION cache_clearing_notify(), cache_clearing_look_for_cons
     cache_clearing_add_consumers(text[]), ports_queue_cache_clearing(), ports_queue_old_name()
     FROM PUBLIC;
 
--- The example ports, and its triggers: created where the database has no
--- ports, installed where its ports has the text columns category and name,
--- and otherwise left alone, with one warning.
+-- The example ports, its queue and its triggers: created where the database
+-- has no ports, installed where its ports has the text columns category and
+-- name.  Any other ports is the site's own: the machinery alone, said once.
 DO $$
 BEGIN
+    IF pg_catalog.to_regclass('ports') IS NOT NULL
+       AND (SELECT pg_catalog.count(*) FROM pg_attribute
+            WHERE attrelid = pg_catalog.to_regclass('ports')::oid
+              AND attname IN ('category', 'name')
+              AND atttypid = 'text'::regtype::oid AND NOT attisdropped) < 2 THEN
+        PERFORM pg_catalog.set_config('client_min_messages', 'notice', true);
+        RAISE NOTICE 'this database''s ports is its own (no text columns category and'
+            ' name): schema.sql installed the machinery alone; make its queues with'
+            ' cache_clearing_queue() (see "Adopting on an existing database" in README.md)';
+        RETURN;
+    END IF;
     IF pg_catalog.to_regclass('ports') IS NULL THEN
         CREATE TABLE ports (
             id       serial PRIMARY KEY,
@@ -321,14 +317,21 @@ BEGIN
             UNIQUE (category, name)
         );
     END IF;
-    IF (SELECT pg_catalog.count(*) FROM pg_attribute WHERE attrelid = 'ports'::regclass::oid
-        AND attname IN ('category', 'name') AND atttypid = 'text'::regtype::oid
-        AND NOT attisdropped) < 2 THEN
-        RAISE WARNING 'this database''s ports has no text columns category and name:'
-            ' schema.sql installed the machinery and ports_cache_clearing, and left ports'
-            ' and its triggers alone (see "Adopting on an existing database" in README.md)';
-        RETURN;
-    END IF;
+    -- The queue of port pages.  Ids name rows in messages; the sequence keeps
+    -- them unique.  No index: the clearer reads the whole due queue anyway, and
+    -- a primary key was more than half of what the trigger cost an UPDATE of
+    -- ports.
+    CREATE TABLE IF NOT EXISTS ports_cache_clearing (
+        id        bigserial,
+        category  text NOT NULL,
+        port      text NOT NULL,
+        queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    );
+    ALTER TABLE ports_cache_clearing DROP CONSTRAINT IF EXISTS ports_cache_clearing_pkey;
+    -- The sequence hands each session ids a hundred at a time: a 30,000-row
+    -- statement then queues its rows much faster.  Ids only need to be unique.
+    ALTER SEQUENCE ports_cache_clearing_id_seq CACHE 100;
+    PERFORM cache_clearing_queue('ports_cache_clearing');
     -- Transition tables allow one event per trigger, hence one trigger each.
     DROP TRIGGER IF EXISTS ports_cache_clearing_insert ON ports;
     DROP TRIGGER IF EXISTS ports_cache_clearing_update ON ports;
