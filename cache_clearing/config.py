@@ -22,8 +22,9 @@ DEFAULT_GIVE_UP = 30.0
 DEFAULT_TIMEOUT = 60.0  # seconds each run of a queue's command may take
 DEFAULT_QUEUE = "ports_cache_clearing"
 PORT_KEYS = (("category", "text"), ("port", "text"))
-QUEUE_OPTIONS = ("pages", "command", "again_after", "timeout")
+QUEUE_OPTIONS = ("pages", "command", "again_after", "timeout", "listen")
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?\Z")
+CHANNEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}\Z")  # as LISTEN takes it unquoted
 RESERVED = ("later",)   # a notification's payload: no consumer may be called that
 FLAGS = configparser.ConfigParser.BOOLEAN_STATES   # 1/0, yes/no, true/false, on/off
 
@@ -38,6 +39,7 @@ class Queue:
     again_after: float = None       # None: --again-after's
     timeout: float = DEFAULT_TIMEOUT
     keys: tuple = None              # ((name, type), ...) where known before the database says
+    listen: tuple = ()              # NOTIFY channels that make it due (a queue without keys)
 
     def placeholders(self):
         return {name for t in self.pages + self.command for name in t.names}
@@ -270,4 +272,17 @@ def read_queue(name, table, section):
                  parsed("pages", lambda t: tuple(Page(p) for p in t.split()), ()),
                  parsed("command", lambda t: tuple(Argument(a) for a in shlex.split(t)), ()),
                  parsed("again_after", seconds(0), None),
-                 parsed("timeout", seconds(0, strict=True), DEFAULT_TIMEOUT))
+                 parsed("timeout", seconds(0, strict=True), DEFAULT_TIMEOUT),
+                 listen=parsed("listen", channels, ()))
+
+
+def channels(text):
+    """The channels of a queue's listen: names LISTEN takes as they are."""
+    names = text.split()
+    for name in names:
+        if name.lower() == "clear_ports_cache":
+            raise ValueError("clear_ports_cache is the queues' own channel")
+        if not CHANNEL_NAME.match(name):
+            raise ValueError("%r is not a channel name (letters, digits, _ and $, not"
+                             " first a digit, 63 at most)" % name)
+    return tuple(name.lower() for name in names)

@@ -28,7 +28,7 @@ from .errors import (RETRY_BACKOFF, Backoff, ConfigError, UsageError, count, db_
                      one_line, psycopg2, require_psycopg2)
 from .pages import open_cache_dir
 from .queues import (NO_IDLE_TIMEOUTS, KEYS_QUERY, UNREGISTERED, connect, daemon_name,
-                     lock_timeout, take_keys, union, unregistered_reason)
+                     lock_timeout, table, take_keys, union, unregistered_reason)
 
 # The start rule.  A lone change starts a clearer at once.  Changes that keep
 # coming while one runs make the next start wait for a pause of QUIET
@@ -310,14 +310,18 @@ class Daemon:
         # A lock held on the queue (an ALTER TABLE, say) is no dead connection.
         # A server's idle_session_timeout would close this idle session again
         # and again; a statement, since PgBouncer refuses the options parameter.
-        self.listen_sql = "LISTEN %s; SET lock_timeout = '%s'; %s" % (
-            CHANNEL, lock_timeout(min(LOCKED_RETRY, heartbeat / 2)), NO_IDLE_TIMEOUTS)
+        # A queue's listen channels: a notification on one makes it due once.
+        self.channels = {name: i for i, queue in enumerate(config.queues)
+                         for name in queue.listen}
+        self.listen_sql = "LISTEN %s; %sSET lock_timeout = '%s'; %s" % (
+            CHANNEL, "".join('LISTEN "%s"; ' % name for name in self.channels),
+            lock_timeout(min(LOCKED_RETRY, heartbeat / 2)), NO_IDLE_TIMEOUTS)
         self.look_sql = psycopg2.sql.SQL(LOOK_QUERY).format(union(config.queues))
         self.multihost = "," in (psycopg2.extensions.parse_dsn(config.dsn).get("host") or "")
         # The connection, and the statement in flight on it.
         self.conn = None
         self.cursor = None
-        self.step = None                # "connect", "listen", "keys", "look", or None
+        self.step = None                # "connect", "listen", "keys", "look", "poke", or None
         self.step_deadline = NEVER      # a step unanswered by then: the connection is dead
         self.writing = False            # the step waits to write, not to read
         self.connect_at = 0.0           # the next attempt, while there is no connection
@@ -327,6 +331,8 @@ class Daemon:
         self.keys_known = all(queue.keys is not None for queue in config.queues)
         self.look_at = NEVER            # the next look at the queue, while no run is wanted
         self.heartbeat_look = False     # the look in flight is the heartbeat's
+        self.poked = set()              # queues a listen channel made due: a row to queue
+        self.poke_at = 0.0              # when to queue it (later, after a failure)
         self.news_at = None             # changes heard of since the wanted run was asked
                                         # for (or at the end of the last): start_time()
         # The run: wanted, then running.
@@ -381,6 +387,8 @@ class Daemon:
             events.append((self.step_deadline, self.unanswered))
         else:
             events.append((self.heard_at + self.heartbeat, lambda: self.look(heartbeat=True)))
+            if self.poked and self.keys_known:
+                events.append((self.poke_at, self.poke))
             if self.wanted_at < NEVER and clearers.running is None:
                 events.append((start_time(self.wanted_at, self.gated, self.last_start,
                                           self.news_at), self.start_run))
@@ -455,6 +463,10 @@ class Daemon:
             self.listening()
         elif step == "keys":
             self.keys_read()
+        elif step == "poke":
+            self.poked.clear()
+            if self.idle():     # its own notification came with the answer
+                self.read_idle_news()
         else:
             self.looked()
 
@@ -473,6 +485,11 @@ class Daemon:
         else:
             self.heard_at = time.monotonic()
             retry = LOCKED_RETRY if error.pgcode == LOCK_NOT_AVAILABLE else self.heartbeat
+            if step == "poke":
+                log.warning("cannot queue a row for a notification: %s; again in %g s",
+                            db_error(error), retry)
+                self.poke_at = self.heard_at + retry
+                return
             log.warning("cannot look at the queue: %s; again in %g s", db_error(error), retry)
             self.look_at = self.heard_at + retry
 
@@ -487,8 +504,11 @@ class Daemon:
         """LISTEN went through: catch up, since notifications sent meanwhile are lost."""
         self.reconnect.reset()
         self.outage.ended("the server answers again")
-        log.info("listening on channel %s%s", CHANNEL, self.where(self.conn))
+        log.info("listening on channel %s%s", ", ".join([CHANNEL] + list(self.channels)),
+                 self.where(self.conn))
         self.look_at = 0.0
+        # A notification on a listen channel may have been missed meanwhile.
+        self.poked, self.poke_at = set(self.channels.values()), 0.0
         # A run that failed against the lost server may go at once.
         self.retry.reset()
         if self.wanted_at < NEVER:
@@ -543,7 +563,9 @@ class Daemon:
                 self.drop_connection(one_line(e))
                 return None
             self.heard_at = time.monotonic()
-        payloads = {n.payload for n in self.conn.notifies}
+        payloads = {n.payload for n in self.conn.notifies if n.channel == CHANNEL}
+        self.poked.update(self.channels[n.channel] for n in self.conn.notifies
+                          if n.channel in self.channels)
         self.conn.notifies.clear()
         if self.config.consumer in payloads:
             return "due"
@@ -566,6 +588,15 @@ class Daemon:
             self.begin("look", self.look_sql, {"c": self.config.consumer})
         else:
             self.begin("keys", KEYS_QUERY, [[queue.table for queue in self.config.queues]])
+
+    def poke(self):
+        """Queue a row in each queue a listen channel made due (the step "poke"): the
+        queue is the truth, and its trigger's notification starts the run."""
+        self.cursor = self.conn.cursor()
+        self.begin("poke", psycopg2.sql.SQL("; ").join(
+            psycopg2.sql.SQL("INSERT INTO {} (consumer) VALUES (%(c)s)").format(
+                table(self.config.queues[i].table)) for i in sorted(self.poked)),
+            {"c": self.config.consumer})
 
     def keys_read(self):
         """Its clearers would exit 2 on a queue not as configured: say why, look again later."""

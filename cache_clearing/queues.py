@@ -171,6 +171,9 @@ def take_keys(queues, rows, raw=False):
         if not is_queue:
             raise ConfigError("queue %s: not a queue (SELECT cache_clearing_queue('%s') makes"
                               " it one)" % (queue.table, queue.table))
+        if queue.listen and names:
+            raise ConfigError("queue %s: listen is for a queue without keys; it has %s"
+                              % (queue.table, ", ".join(names)))
         unknown = sorted(queue.placeholders() - set(names))
         if unknown:
             raise ConfigError("queue %s: placeholder {%s} is not one of its key columns (%s)"

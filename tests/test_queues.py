@@ -180,6 +180,10 @@ def test_nobody_else_may_use_the_machinery_on_a_table_of_their_own(roles):
     ("[q_dates]\npages = d/{day}\n[]\npages = x/*\n", "[]: not a table name"),
     ("[q_dates]\npages = a/{}\n", "{} names no key column"),
     ("[q_dates]\ncommand = /bin/echo {0}\n", "{0} names no key column"),
+    ("[q_all]\ncommand = /bin/true\nlisten = news bad-name\n",
+     "[q_all] listen: 'bad-name' is not a channel name"),
+    ("[q_all]\ncommand = /bin/true\nlisten = clear_ports_cache\n",
+     "[q_all] listen: clear_ports_cache is the queues' own channel"),
     ("no section\n", "File contains no section headers"),
     ("", "no queue"),
 ])
@@ -499,6 +503,36 @@ def test_a_queue_without_keys_runs_its_command_once_per_run(queues, cache, tmp_p
     assert sql(queues, "SELECT count(*) FROM q_all") == [(0,)]
     assert clear("--config", config, dsn=queues, cache=cache).returncode == 0
     assert log.read_text() == "x\n", "no due rows, no run of the command"
+
+
+def test_a_listen_channel_makes_its_queue_due_once_and_again_after_a_reconnect(
+        queues, cache, tmp_path, daemon):
+    ran = tmp_path / "ran"
+    config = write_config(tmp_path, "[q_all]\ncommand = /bin/sh -c 'echo x >> %s'\n"
+                          "listen = news_a News_B\nagain_after = 0\n" % ran)
+    runs = lambda: len(ran.read_text().splitlines()) if ran.exists() else 0   # noqa: E731
+    d = daemon(cache, "--config", config, "--heartbeat", "600")
+    d.wait_ready()
+    # A notification may have been missed before it listened: due once at start.
+    wait_for(lambda: runs() == 1, what="the command, once at start")
+    for channel in ("news_a", "news_b"):
+        d.wait_idle()
+        before = runs()
+        sql(queues, "NOTIFY %s" % channel)
+        wait_for(lambda: runs() == before + 1, what="the command, for NOTIFY " + channel)
+    d.wait_idle()
+    sql(queues, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'listen_clear_cache.py'")
+    wait_for(lambda: runs() == 4, timeout=20, what="the command, once more after reconnecting")
+    assert sql(queues, "SELECT count(*) FROM q_all") == [(0,)]
+    assert "cannot queue" not in d.log() and "Traceback" not in d.log(), d.log()
+
+
+def test_listen_is_for_a_queue_without_keys(queues, cache, tmp_path):
+    config = write_config(tmp_path, "[q_dates]\npages = d/{day}\nlisten = news\n")
+    result = clear("--config", config, dsn=queues, cache=cache)
+    assert_one_line_error(result, 2)
+    assert "listen is for a queue without keys; it has day" in result.stderr, result.stderr
 
 
 def test_a_clear_by_hand_needs_every_placeholder(queues, cache, tmp_path):
