@@ -28,7 +28,7 @@ def freshports_db(admin_dsn):
 def site(freshports_db, cache, daemon, tmp_path):
     """The daemon on adopt.sql and the .ini, its command replaced by a harmless one."""
     for table in ("cache_clearing_ports", "cache_clearing_dates", "cache_clearing_commits",
-                  "packages_cache_clearing"):
+                  "packages_cache_clearing", "news_cache_clearing"):
         sql(freshports_db, "DELETE FROM %s" % table)
     marker = tmp_path / "rolled-back"
     ini = (CONTRIB / "listen_clear_cache.ini").read_text().replace(
@@ -118,11 +118,29 @@ def test_a_queued_commit_removes_its_directory_and_sanity_pages(site, cache):
     wait_for(lambda: sql(db, "SELECT count(*) FROM cache_clearing_commits") == [(0,)], what="the queue")
 
 
-def test_the_packages_command_runs(site):
-    db, _, marker, _ = site
-    sql(db, "INSERT INTO packages_cache_clearing DEFAULT VALUES")
-    wait_for(marker.exists, what="the packages command")
-    wait_for(lambda: sql(db, "SELECT count(*) FROM packages_cache_clearing") == [(0,)], what="its row gone")
+def test_the_packages_import_rolls_the_packages_cache_back_unchanged(site, cache):
+    db, d, marker, _ = site
+    wait_for(marker.exists, what="the packages command, once at start")
+    d.wait_idle()
+    marker.unlink()
+    news = pages(cache, "news/index.html")[0]
+    sql(db, "NOTIFY packages_imported")     # as the import does
+    wait_for(marker.exists, what="the packages command, on NOTIFY packages_imported")
+    wait_for(lambda: sql(db, "SELECT count(*) FROM packages_cache_clearing") == [(0,)],
+             what="its row gone")
+    d.wait_idle()
+    assert news.exists(), "news/ stays, as with fp-listen"
+
+
+@pytest.mark.parametrize("channel", ["category_new", "ports_updating", "ports_moved", "vuxml"])
+def test_a_channel_with_no_queue_clears_the_news(site, cache, channel):
+    db, d, _, _ = site
+    d.wait_idle()
+    news, port = pages(cache, "news/index.html", "ports/www/nginx/index.html")
+    sql(db, "NOTIFY %s" % channel)
+    wait_for(lambda: not news.exists(), what="news/ on NOTIFY " + channel)
+    d.wait_idle()
+    assert port.exists()
 
 
 def test_a_failing_packages_command_keeps_its_row(freshports_db, cache, daemon, tmp_path):
@@ -133,8 +151,7 @@ def test_a_failing_packages_command_keeps_its_row(freshports_db, cache, daemon, 
         "/sbin/zfs rollback -r zroot/freshports/cache/packages@empty", "/bin/false"))
     d = daemon(cache, "--config", str(config), "--heartbeat", "600", dsn=freshports_db)
     d.wait_ready()
-    sql(freshports_db, "INSERT INTO packages_cache_clearing DEFAULT VALUES")
-    # It is retried alone, on a backoff of its own: the other queues clear meanwhile.
+    # Due once at start (a packages_imported may have been missed); it is retried alone, on a backoff of its own: the other queues clear meanwhile.
     d.wait_log(r"packages_cache_clearing \[\] failing: command /bin/false: exited with 1;"
                r" retrying it alone in")
     assert sql(freshports_db, "SELECT count(*) FROM packages_cache_clearing") == [(1,)]

@@ -37,14 +37,23 @@ BEGIN
 END
 $$;
 
--- The packages import empties the packages cache with a zfs rollback, a
--- command, not a file deletion.  Instead of NOTIFY packages_imported, it
--- queues a row here (INSERT INTO packages_cache_clearing DEFAULT VALUES): a
--- queue without keys, meaning "all of it", once per run.
+-- Queues without keys, meaning "all of it", for the jobs fp-listen does on
+-- channels that have no queue: the daemon listens on them (listen = in
+-- listen_clear_cache.ini) and queues a row here on each notification.  The
+-- packages import's NOTIFY packages_imported rolls the packages cache back
+-- with zfs, a command; category_new, ports_updating, ports_moved and vuxml
+-- clear news/.  So the import and the triggers run unchanged.
 CREATE TABLE IF NOT EXISTS packages_cache_clearing (
     id         bigserial,
     date_added timestamptz NOT NULL DEFAULT now()
 );
-DO $$ BEGIN PERFORM cache_clearing_queue('packages_cache_clearing'); END $$;
+CREATE TABLE IF NOT EXISTS news_cache_clearing (
+    id         bigserial,
+    date_added timestamptz NOT NULL DEFAULT now()
+);
+DO $$ BEGIN
+    PERFORM cache_clearing_queue('packages_cache_clearing');
+    PERFORM cache_clearing_queue('news_cache_clearing');
+END $$;
 
 COMMIT;
