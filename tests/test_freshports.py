@@ -60,6 +60,39 @@ def test_adopt_sql_leaves_freshports_writes_working_and_its_old_queue_alone(site
     assert sql(db, "UPDATE ports SET version = '2'") == 3
 
 
+def test_freshports_on_conflict_statements_run_and_drop_no_change(freshports_db):
+    db = freshports_db
+    for table in ("cache_clearing_ports", "cache_clearing_commits"):
+        sql(db, "DELETE FROM %s" % table)
+    for _ in range(2):      # a change while an older row for the same key is queued
+        sql(db, "INSERT INTO cache_clearing_ports (port_id, category, port, due_at)"
+            " SELECT PA.id, PA.category, PA.name, now() + interval '1 h' FROM ports_all PA"
+            " WHERE PA.name = 'nginx'"
+            " ON CONFLICT ON CONSTRAINT cache_clearing_ports_category_port_idx DO NOTHING")
+        sql(db, "INSERT INTO cache_clearing_commits (commit_to_clear, due_at)"
+            " VALUES ('abc123', now() + interval '1 h')"
+            " ON CONFLICT ON CONSTRAINT cache_clearing_commits_idx DO NOTHING")
+    assert sql(db, "SELECT (SELECT count(*) FROM cache_clearing_ports),"
+               " (SELECT count(*) FROM cache_clearing_commits)") == [(2, 2)]
+    for table in ("cache_clearing_ports", "cache_clearing_commits"):
+        sql(db, "DELETE FROM %s" % table)
+
+
+def test_a_port_updated_then_deleted_keeps_its_queued_rows(site, cache):
+    db, d, _, _ = site
+    d.wait_idle()
+    sql(db, "INSERT INTO element (name) VALUES ('gone');"
+        " INSERT INTO ports (element_id, category_id, version)"
+        " SELECT e.id, c.id, '1' FROM element e, categories c"
+        " WHERE e.name = 'gone' AND c.name = 'www'")
+    d.wait_idle()
+    page, = pages(cache, "ports/www/gone/index.html")
+    sql(db, "BEGIN; UPDATE ports SET version = '2' WHERE element_id = (SELECT id FROM element"
+        " WHERE name = 'gone'); DELETE FROM ports WHERE element_id = (SELECT id FROM element"
+        " WHERE name = 'gone'); COMMIT")
+    wait_for(lambda: not page.exists(), what="the deleted port's page")
+
+
 def test_a_port_update_clears_its_pages_its_category_and_the_news(site, cache):
     db, d, _, _ = site
     gone = pages(cache, "ports/www/nginx/Detail.html", "categories/www/www.html", "news/a.html")

@@ -11,17 +11,39 @@ BEGIN;
 
 -- A unique key made of a queue's keys drops a change that arrives while an
 -- older row is queued (ON CONFLICT DO NOTHING), or fails its INSERT:
--- UNIQUE (category, port) on cache_clearing_ports since 2022, the primary
--- key on cache_clearing_commits.  Whatever their names, they go.
+-- cache_clearing_ports_category_port_idx, UNIQUE (category, port), since
+-- 2022, and cache_clearing_commits_idx, the primary key of
+-- cache_clearing_commits.  FreshPorts' triggers name them (INSERT ... ON
+-- CONFLICT ON CONSTRAINT ... DO NOTHING), so each keeps its name and kind and
+-- takes the queue's id too: unique per queued row, it never conflicts, and
+-- those statements run as published.  cache_clearing_commits gets an id.
+--
+-- A queued port's rows reference ports ON DELETE CASCADE: a port updated,
+-- then deleted, in one transaction would take its rows, and its pages would
+-- stay.  Queued rows outlive what they name: the reference goes.
 DO $$
 DECLARE
     queue text;
     doomed record;
 BEGIN
+    ALTER TABLE cache_clearing_commits ADD COLUMN IF NOT EXISTS id bigserial;
+    FOR doomed IN
+        SELECT c.conname FROM pg_constraint c
+        WHERE c.conrelid = 'cache_clearing_ports'::regclass AND c.contype = 'f'
+          AND c.confrelid = 'ports'::regclass
+    LOOP
+        EXECUTE format('ALTER TABLE cache_clearing_ports DROP CONSTRAINT %I', doomed.conname);
+    END LOOP;
     FOREACH queue IN ARRAY ARRAY['cache_clearing_ports', 'cache_clearing_dates',
                                  'cache_clearing_commits'] LOOP
         FOR doomed IN
-            SELECT c.conname FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
+            SELECT c.conname, CASE c.contype WHEN 'p' THEN 'PRIMARY KEY' ELSE 'UNIQUE' END
+                              AS kind,
+                   (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.i)
+                    FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, i)
+                    JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum)
+                   AS columns
+            FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
             WHERE c.conrelid = queue::regclass AND c.contype IN ('p', 'u')
               AND NOT EXISTS (SELECT FROM unnest(i.indkey) AS k(attnum)
                               WHERE k.attnum NOT IN (
@@ -30,7 +52,8 @@ BEGIN
                                     ON ck.name = a.attname
                                   WHERE a.attrelid = queue::regclass))
         LOOP
-            EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', queue, doomed.conname);
+            EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I, ADD CONSTRAINT %I %s (%s, id)',
+                           queue, doomed.conname, doomed.conname, doomed.kind, doomed.columns);
         END LOOP;
         PERFORM cache_clearing_queue(queue::regclass);
     END LOOP;

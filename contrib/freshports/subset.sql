@@ -1,8 +1,9 @@
 -- A faithful subset of FreshPorts' schema (FreshPorts/databases,
 -- freshports.org.sql): ports keyed by ids, its names in element and
 -- categories, the ports_all view, port_dependencies, commit_log, the four
--- cache-clearing queues with their real columns and constraints, and
--- triggers that fill them row by row as FreshPorts' own do.  For trying
+-- cache-clearing queues with their real columns and constraints (and their
+-- names), and triggers that fill them row by row as FreshPorts' own do
+-- today (branches/git/ri.txt: INSERT ... ON CONFLICT ON CONSTRAINT).  For trying
 -- adopt.sql and the .ini on a scratch database; the tests and the bench use
 -- it too.
 --
@@ -22,19 +23,22 @@ CREATE TABLE port_dependencies (port_id integer NOT NULL REFERENCES ports,
 CREATE TABLE commit_log (id serial PRIMARY KEY, message_id text NOT NULL,
                          commit_date timestamp with time zone NOT NULL);
 CREATE TABLE cache_clearing_ports (id serial PRIMARY KEY,
-    port_id integer NOT NULL REFERENCES ports, category text NOT NULL, port text NOT NULL,
-    date_added timestamp without time zone DEFAULT now(), UNIQUE (category, port));
+    port_id integer NOT NULL REFERENCES ports ON DELETE CASCADE, category text NOT NULL,
+    port text NOT NULL, date_added timestamp without time zone DEFAULT now(),
+    CONSTRAINT cache_clearing_ports_category_port_idx UNIQUE (category, port));
 CREATE TABLE cache_clearing_dates (id serial PRIMARY KEY, date_to_clear date,
     date_added timestamp without time zone DEFAULT now());
-CREATE TABLE cache_clearing_commits (commit_to_clear text PRIMARY KEY,
-    date_added timestamp without time zone DEFAULT now());
+CREATE TABLE cache_clearing_commits (commit_to_clear text,
+    date_added timestamp without time zone DEFAULT now(),
+    CONSTRAINT cache_clearing_commits_idx PRIMARY KEY (commit_to_clear));
 CREATE TABLE cache_clearing_files (id serial PRIMARY KEY, pathname text NOT NULL UNIQUE,
     date_added timestamp without time zone DEFAULT now());
 
 CREATE FUNCTION ports_clear_cache() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO cache_clearing_ports (port_id, category, port)
-        SELECT PA.id, PA.category, PA.name FROM ports_all PA WHERE PA.id = NEW.id;
+        SELECT PA.id, PA.category, PA.name FROM ports_all PA WHERE PA.id = NEW.id
+        ON CONFLICT ON CONSTRAINT cache_clearing_ports_category_port_idx DO NOTHING;
     NOTIFY port_updated;
     RETURN NEW;
 END $$;
@@ -45,7 +49,8 @@ CREATE FUNCTION port_dependencies_clear_cache() RETURNS trigger LANGUAGE plpgsql
 BEGIN
     INSERT INTO cache_clearing_ports (port_id, category, port)
         SELECT PA.id, PA.category, PA.name FROM ports_all PA
-        WHERE PA.id IN (NEW.port_id, NEW.port_id_dependent_upon);
+        WHERE PA.id IN (NEW.port_id, NEW.port_id_dependent_upon)
+        ON CONFLICT ON CONSTRAINT cache_clearing_ports_category_port_idx DO NOTHING;
     NOTIFY port_updated;
     RETURN NEW;
 END $$;
