@@ -384,6 +384,7 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
     if not cur.rowcount:
         check_consumer(cur, config.consumer)
     changed = {}    # item -> queued by a change, not only by a re-clear
+    generated = {}  # item -> its generated columns' values
     unusable = Unusable()
     for row in cur:
         if row[2] is not None:  # a text too long to name anything: its row goes
@@ -391,9 +392,10 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
             continue
         item = layout.item(row)
         changed[item] = changed.get(item, False) or not row[1]
+        generated[item] = layout.generated(row)
     targets, commands = {}, {}
     for item in list(changed):
-        queue, values = layout.queues[item[0]], layout.values(item)
+        queue, values = layout.queues[item[0]], layout.values(item, generated[item])
         if not unusable.file(targets, commands, item, queue, values):
             del changed[item]   # it can never name a cache entry: it goes with the batch
     unusable.say(cache.dry_run)

@@ -16,12 +16,19 @@ from .templates import Unusable
 
 # This consumer's due rows; now() is the transaction's start, the snapshot's time.
 DUE = "consumer = %(c)s AND due_at <= pg_catalog.now()"
-# Each queue's key columns and their types; whether it exists and is a queue.
+# Each queue's key columns and their types, and its generated columns (a
+# function of its keys: placeholders may name them); whether it exists and
+# is a queue.
 KEYS_QUERY = (
     "SELECT c.oid, EXISTS (SELECT FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
     " WHERE t.tgrelid = c.oid AND p.proname = 'cache_clearing_notify'),"
     " ARRAY(SELECT k.name::text FROM cache_clearing_keys(c.oid::regclass) k),"
-    " ARRAY(SELECT k.type FROM cache_clearing_keys(c.oid::regclass) k)"
+    " ARRAY(SELECT k.type FROM cache_clearing_keys(c.oid::regclass) k),"
+    " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid"
+    " AND a.attgenerated <> '' AND NOT a.attisdropped ORDER BY a.attnum),"
+    " ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+    " WHERE a.attrelid = c.oid AND a.attgenerated <> '' AND NOT a.attisdropped"
+    " ORDER BY a.attnum)"
     " FROM pg_catalog.unnest(%s::text[]) WITH ORDINALITY AS q(name, i)"
     " LEFT JOIN pg_class c ON c.oid = pg_catalog.to_regclass(q.name)::oid ORDER BY q.i")
 # True when nothing is queued for consumer %(c)s: '' while names are
@@ -126,23 +133,34 @@ class Layout:
     queues: tuple
     keys: tuple     # per queue: ((name, type), ...)
     raw: bool = False   # an SQL_ASCII database: names are bytes, read as latin-1
+    derived: tuple = None   # per queue: its generated columns, ((name, type), ...)
+
+    def columns(self, index):
+        """The columns select_due() reads of queue index: its keys, then its generated."""
+        return self.keys[index] + (self.derived[index] if self.derived else ())
 
     def slot(self, index):
-        """Where queue index's keys start in a row of select_due()."""
-        return sum(len(keys) for keys in self.keys[:index])
+        """Where queue index's columns start in a row of select_due()."""
+        return sum(len(self.columns(i)) for i in range(index))
 
     def item(self, row):
         """(queue index, its keys) of a row of select_due()."""
         start = 3 + self.slot(row[0])
         return row[0], row[start:start + len(self.keys[row[0]])]
 
-    def values(self, item):
-        """{key column: value} of an item, a name in the file system's terms."""
-        values = item[1]
+    def generated(self, row):
+        """The values of the queue's generated columns in a row of select_due()."""
+        start = 3 + self.slot(row[0]) + len(self.keys[row[0]])
+        return row[start:start + len(self.columns(row[0])) - len(self.keys[row[0]])]
+
+    def values(self, item, generated=()):
+        """{column: value} of an item (and its generated values), a name in the file
+        system's terms."""
+        values = item[1] + tuple(generated)
         if self.raw:    # the bytes the database holds name the file a renderer wrote
             values = [os.fsdecode(v.encode("latin-1")) if isinstance(v, str) else v
                       for v in values]
-        return dict(zip((name for name, _ in self.keys[item[0]]), values))
+        return dict(zip((name for name, _ in self.columns(item[0])), values))
 
 
 def read_keys(cur, queues):
@@ -160,8 +178,8 @@ def read_keys(cur, queues):
 
 def take_keys(queues, rows, raw=False):
     """The Layout from KEYS_QUERY's rows, or ConfigError."""
-    found, seen = [], {}
-    for queue, (oid, is_queue, names, types) in zip(queues, rows):
+    found, derived, seen = [], [], {}
+    for queue, (oid, is_queue, names, types, generated, generated_types) in zip(queues, rows):
         if oid is None:
             raise ConfigError("queue %s: no such table" % queue.table)
         if oid in seen:
@@ -174,12 +192,15 @@ def take_keys(queues, rows, raw=False):
         if queue.listen and names:
             raise ConfigError("queue %s: listen is for a queue without keys; it has %s"
                               % (queue.table, ", ".join(names)))
-        unknown = sorted(queue.placeholders() - set(names))
+        unknown = sorted(queue.placeholders() - set(names) - set(generated))
         if unknown:
             raise ConfigError("queue %s: placeholder {%s} is not one of its key columns (%s)"
                               % (queue.table, unknown[0], ", ".join(names) or "it has none"))
         found.append(tuple(zip(names, types)))
-    return Layout(tuple(queues), tuple(found), raw)
+        # Only those its templates name: the others would only cost.
+        derived.append(tuple((name, kind) for name, kind in zip(generated, generated_types)
+                             if name in queue.placeholders()))
+    return Layout(tuple(queues), tuple(found), raw, tuple(derived))
 
 
 def select_due(layout):
@@ -192,12 +213,13 @@ def select_due(layout):
     long saying its key for the log, each text cut to its first characters.
     """
     sql = psycopg2.sql
-    slots = [sql.SQL("NULL::" + kind) for keys in layout.keys for _, kind in keys]
+    slots = [sql.SQL("NULL::" + kind) for index in range(len(layout.queues))
+             for _, kind in layout.columns(index)]
     branches = []
     for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
         columns = list(slots)
         start = layout.slot(index)
-        for i, (name, _) in enumerate(keys):
+        for i, (name, _) in enumerate(layout.columns(index)):
             columns[start + i] = sql.Identifier(name)
         texts = [sql.Identifier(name) for name, kind in keys
                  if kind == "text" or kind.startswith("character")]

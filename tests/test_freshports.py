@@ -141,7 +141,7 @@ def test_a_queued_commit_removes_its_directory_and_sanity_pages(site, cache):
                  "general/sanity_test_failures.PageSize50.html")
     kept = pages(cache, "commits/def456/index.html",
                  "general/sanity_test_failures.def456.html")
-    # The same commit twice: the primary key that refused that is gone.
+    # The same commit twice: the primary key that refused that now takes the row's id.
     sql(db, "INSERT INTO cache_clearing_commits (commit_to_clear) VALUES ('abc123'), ('abc123')")
     # One run removes them in turn (the directory first): wait for all of them.
     wait_for(lambda: not any(p.exists() for p in gone), what="the commit's pages")
@@ -149,6 +149,17 @@ def test_a_queued_commit_removes_its_directory_and_sanity_pages(site, cache):
     d.wait_idle()
     assert all(p.exists() for p in kept)
     wait_for(lambda: sql(db, "SELECT count(*) FROM cache_clearing_commits") == [(0,)], what="the queue")
+
+
+def test_an_svn_era_commit_removes_the_directory_freshports_names(site, cache):
+    db, d, _, _ = site
+    message_id = "201905171345.x4HDjK1a012345@repo.freebsd.org"
+    gone = pages(cache, "commits/201905171345-x4hdjk1a012345-repo-freebsd-org/index.html")
+    kept = pages(cache, "commits/%s/index.html" % message_id)   # no renderer writes that
+    sql(db, "INSERT INTO cache_clearing_commits (commit_to_clear) VALUES (%s)", (message_id,))
+    wait_for(lambda: not gone[0].exists(), what="the directory _CleanKey names")
+    d.wait_idle()
+    assert kept[0].exists()
 
 
 def test_the_packages_import_rolls_the_packages_cache_back_unchanged(site, cache):
@@ -195,7 +206,8 @@ def test_a_commit_by_hand(site, cache):
     db, _, _, config = site
     gone = pages(cache, "commits/0123abcd/index.html")
     result = clear("--config", str(config), "--queue", "cache_clearing_commits",
-                   "commit_to_clear=0123abcd", dsn="host=/nonexistent", cache=cache)
+                   "commit_to_clear=0123abcd", "commit_dir=0123abcd",   # generated: given too
+                   dsn="host=/nonexistent", cache=cache)
     assert result.returncode == 0, result.stderr
     assert not any(p.exists() for p in gone)
 

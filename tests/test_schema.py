@@ -148,20 +148,3 @@ def test_any_insert_into_the_queue_notifies_and_an_empty_one_does_not(db):
         " VALUES ('www', 'a', now() + interval '1 h'), ('www', 'b', now())")
     notes = wait_for(listening.received, what="the INSERT's notification")
     assert [(n.channel, n.payload) for n in notes] == [("clear_ports_cache", "")]
-
-
-def test_a_sites_own_ports_gets_the_machinery_alone_and_one_notice(admin_dsn):
-    name = "lcc_own_ports_%d" % os.getpid()
-    try:
-        dsn = create_database(admin_dsn, name, site="CREATE TABLE ports (id serial, element_id"
-                              " integer, category_id integer)")
-        result = load_schema(dsn)       # again, with psql's defaults: what it says
-        said = result.stderr.strip().splitlines()
-        assert len(said) == 1 and "NOTICE:  this database's ports is its own" in said[0], said
-        assert "WARNING" not in result.stderr
-        assert sql(dsn, "SELECT to_regclass('ports_cache_clearing') IS NULL,"
-                   " to_regproc('cache_clearing_queue') IS NOT NULL,"
-                   " (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'ports'::regclass)"
-                   ) == [(True, True, 0)]
-    finally:
-        drop_database(admin_dsn, name)

@@ -27,6 +27,13 @@ DECLARE
     doomed record;
 BEGIN
     ALTER TABLE cache_clearing_commits ADD COLUMN IF NOT EXISTS id bigserial;
+    -- A commit's directory as FreshPorts' PHP names it (classes/cache.php,
+    -- _CleanKey): lower case, every run of characters outside [a-z0-9] one
+    -- '-'.  A git hash is itself; an svn-era message id is not.  Generated
+    -- from the key, so the .ini's placeholder {commit_dir} can name it.
+    ALTER TABLE cache_clearing_commits ADD COLUMN IF NOT EXISTS commit_dir text
+        GENERATED ALWAYS AS (regexp_replace(lower(commit_to_clear), '[^a-z0-9]+', '-', 'g'))
+        STORED;
     FOR doomed IN
         SELECT c.conname FROM pg_constraint c
         WHERE c.conrelid = 'cache_clearing_ports'::regclass AND c.contype = 'f'
