@@ -6,11 +6,13 @@ The schema is contrib/freshports/subset.sql, a faithful subset of FreshPorts'.
 import datetime
 import os
 import re
+import subprocess
 
+import psycopg2.extensions
 import pytest
 
 from tests.fixtures.common import HERE, wait_for
-from tests.fixtures.daemon import clear
+from tests.fixtures.daemon import clear, warm_backends
 from tests.fixtures.database import create_database, drop_database, sql
 
 CONTRIB = HERE / "contrib" / "freshports"
@@ -106,6 +108,8 @@ def test_a_port_update_clears_its_pages_its_category_and_the_news(site, cache):
 
 def test_the_waiting_clearer_serves_every_queue(site, cache):
     db, d, _, _ = site
+    d.wait_idle()       # the start's run (a listen channel's queue is due once)
+    wait_for(lambda: warm_backends(db), what="a waiting clearer, connected")
     gone = pages(cache, "ports/www/nginx/Detail.html", "daily/2026/11/30.daily.head")
     sql(db, "UPDATE ports SET version = '3' WHERE id = 1; SET TimeZone = 'UTC';"
         " INSERT INTO commit_log (message_id, commit_date) VALUES ('c@d', '2026-11-30 08:00+00')")
@@ -220,3 +224,68 @@ def test_a_date_by_hand(site, cache):
                    dsn="host=/nonexistent", cache=cache)
     assert result.returncode == 0, result.stderr
     assert not any(p.exists() for p in gone)
+
+
+@pytest.fixture
+def two_owners(admin_dsn):
+    """FreshPorts as its DDL has it: dan owns the queues, postgres cache_clearing_commits;
+    the roles listening, commits and www.  {role: DSN}, and the admin's name."""
+    suffix = os.getpid()
+    roles = {what: "lcc_fp_%s_%d" % (what, suffix)
+             for what in ("dan", "listening", "commits", "www")}
+    name = "lcc_fp_roles_%d" % suffix
+    drop_database(admin_dsn, name)
+    for role in roles.values():
+        sql(admin_dsn, "DROP ROLE IF EXISTS %s; CREATE ROLE %s LOGIN" % (role, role))
+    sql(admin_dsn, "CREATE DATABASE %s OWNER %s" % (name, roles["dan"]))
+    base = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    sql(base, SITE)
+    for table, in sql(base, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                      " AND tablename <> 'cache_clearing_commits'"):
+        sql(base, "ALTER TABLE %s OWNER TO %s" % (table, roles["dan"]))
+    sql(base, "ALTER VIEW ports_all OWNER TO %s" % roles["dan"])
+    # The site's own grants: the import updates ports.
+    sql(base, "GRANT SELECT, UPDATE ON ports, element, categories, ports_all TO %s"
+        % roles["commits"])
+    dsns = {what: psycopg2.extensions.make_dsn(base, user=role) for what, role in roles.items()}
+    yield dsns, sql(admin_dsn, "SELECT current_user")[0][0], roles
+    drop_database(admin_dsn, name)
+    for role in roles.values():
+        sql(admin_dsn, "DROP ROLE IF EXISTS %s" % role)
+
+
+def psql_file(dsn, path, **variables):
+    argv = ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(path)]
+    for name, value in variables.items():
+        argv[1:1] = ["-v", "%s=%s" % (name, value)]
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def test_adoption_with_freshports_owners_and_roles(two_owners, cache, daemon, tmp_path):
+    dsns, admin, roles = two_owners
+    assert psql_file(dsns["dan"], HERE / "schema.sql").returncode == 0
+    grants = dict(daemon=roles["listening"], commits=roles["commits"], www=roles["www"])
+    result = psql_file(dsns["dan"], CONTRIB / "adopt.sql", **grants)
+    said = result.stderr.strip().splitlines()
+    assert result.returncode == 3 and len(said) == 1, result.stderr
+    fix = "ALTER TABLE cache_clearing_commits OWNER TO %s" % roles["dan"]
+    assert said[0].endswith("as %s, run: %s; then run adopt.sql again" % (admin, fix)), said
+    sql(psycopg2.extensions.make_dsn(dsns["dan"], user=admin), fix)
+    result = psql_file(dsns["dan"], CONTRIB / "adopt.sql", **grants)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    # The daemon as listening, the import as commits: nothing but their grants.
+    config = tmp_path / "fp.ini"
+    config.write_text((CONTRIB / "listen_clear_cache.ini").read_text().replace(
+        "/sbin/zfs rollback -r zroot/freshports/cache/packages@empty", "/bin/true"))
+    d = daemon(cache, "--config", str(config), "--heartbeat", "600", dsn=dsns["listening"])
+    d.wait_ready()
+    d.wait_idle()
+    port, news = pages(cache, "ports/www/nginx/index.html", "news/index.html")
+    sql(dsns["commits"], "UPDATE ports SET version = '9' WHERE id = (SELECT id FROM ports_all"
+        " WHERE name = 'nginx')")
+    wait_for(lambda: not port.exists() and not news.exists(), what="the port's pages")
+    news, = pages(cache, "news/index.html")
+    sql(dsns["www"], "NOTIFY vuxml")
+    wait_for(lambda: not news.exists(), what="news/ on NOTIFY vuxml")
+    d.wait_idle()
+    assert "permission denied" not in d.log() and "ERROR" not in d.log(), d.log()

@@ -1,13 +1,38 @@
 -- listen_clear_cache on FreshPorts' own database.  Load it after schema.sql,
--- both as the role that owns the queue tables, never as a superuser:
+-- both as the role that owns the queue tables (dan), never as a superuser,
+-- naming the roles it grants to (each optional: a role it is not given gets
+-- nothing):
 --
---   psql -v ON_ERROR_STOP=1 -f schema.sql -f contrib/freshports/adopt.sql
+--   psql -U dan -d freshports -v ON_ERROR_STOP=1 -v daemon=listening \
+--        -v commits=commits -v www=www -f contrib/freshports/adopt.sql
 --
+-- daemon: the role listen_clear_cache connects as; commits: the commit
+-- import's, which fills the port, date and commit queues; www: the web
+-- site's, whose changes (a watch list's, say) queue port pages.  The
+-- packages import only raises NOTIFY packages_imported: it needs nothing.
 -- FreshPorts' own triggers and import scripts keep filling its queues as
 -- they do; their NOTIFYs (port_updated, date_updated, ...) do no harm.
 
+\set VERBOSITY terse
 SET client_min_messages = warning;
 BEGIN;
+
+-- Every queue must be the loader's: one line says what to run, and as whom.
+DO $$
+DECLARE
+    queue record;
+BEGIN
+    FOR queue IN SELECT c.relname, pg_get_userbyid(c.relowner) AS owner FROM pg_class c
+                 WHERE c.oid IN ('cache_clearing_ports'::regclass,
+                                 'cache_clearing_dates'::regclass,
+                                 'cache_clearing_commits'::regclass)
+                   AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
+                 ORDER BY c.relname LIMIT 1 LOOP
+        RAISE EXCEPTION 'as %, run: ALTER TABLE % OWNER TO %; then run adopt.sql again',
+            queue.owner, queue.relname, current_user;
+    END LOOP;
+END
+$$;
 
 -- A unique key made of a queue's keys drops a change that arrives while an
 -- older row is queued (ON CONFLICT DO NOTHING), or fails its INSERT:
@@ -87,3 +112,28 @@ DO $$ BEGIN
 END $$;
 
 COMMIT;
+
+-- What FreshPorts' roles need, and no more (see the top of this file).
+\if :{?daemon}
+GRANT SELECT, INSERT, DELETE ON cache_clearing_ports, cache_clearing_dates,
+    cache_clearing_commits, packages_cache_clearing, news_cache_clearing TO :"daemon";
+GRANT USAGE ON SEQUENCE cache_clearing_ports_id_seq, cache_clearing_dates_id_seq,
+    cache_clearing_commits_id_seq, packages_cache_clearing_id_seq,
+    news_cache_clearing_id_seq TO :"daemon";
+GRANT SELECT ON cache_consumers TO :"daemon";
+GRANT SELECT, INSERT, UPDATE, DELETE ON cache_clearing_failures TO :"daemon";
+\endif
+-- ON CONFLICT ON CONSTRAINT needs SELECT on the constraint's columns.
+\if :{?commits}
+GRANT INSERT ON cache_clearing_ports, cache_clearing_dates, cache_clearing_commits
+    TO :"commits";
+GRANT SELECT (category, port, id) ON cache_clearing_ports TO :"commits";
+GRANT SELECT (commit_to_clear, id) ON cache_clearing_commits TO :"commits";
+GRANT USAGE ON SEQUENCE cache_clearing_ports_id_seq, cache_clearing_dates_id_seq,
+    cache_clearing_commits_id_seq TO :"commits";
+\endif
+\if :{?www}
+GRANT INSERT ON cache_clearing_ports TO :"www";
+GRANT SELECT (category, port, id) ON cache_clearing_ports TO :"www";
+GRANT USAGE ON SEQUENCE cache_clearing_ports_id_seq TO :"www";
+\endif
