@@ -115,12 +115,14 @@ def judge(rows, unregistered, stranded, failing, consumer, warn, crit):
     """(status, text) of what read_status() found."""
     worst, trouble = OK, []
     for name, due, oldest, listeners in rows:
-        status = (CRITICAL if not listeners or oldest >= crit
-                  else WARNING if oldest >= warn else OK)
+        # Nothing due is OK whatever --warn says: no row waits.
+        status = (CRITICAL if not listeners or due and oldest >= crit
+                  else WARNING if due and oldest >= warn else OK)
         worst = max(worst, status)
-        if status != OK and len(rows) > 1:
-            trouble.append("%s: %s" % (name, "no listener" if not listeners
-                                       else "oldest due %d s" % oldest))
+        if not listeners:
+            trouble.append("%sno daemon listens" % ("%s: " % name if len(rows) > 1 else ""))
+        elif status != OK and len(rows) > 1:
+            trouble.append("%s: oldest due %d s" % (name, oldest))
     if unregistered:
         worst = CRITICAL
         trouble.append(unregistered_reason(consumer))

@@ -84,9 +84,13 @@ def main(argv=None):
         log.error("database error: %s", db_error(e))
         return 1
     noun = "key" if config.source else "port"
-    log.info("%scleared %s, deleted %s, removed %s%s in %d ms",
-             "dry run: " if args.dry_run else "", count(len(cache.cleared), noun),
-             count(rows, "row"), count(cache.files, "file"),
+    if args.dry_run:
+        log.info("dry run: would clear %s, would remove %s; nothing changed in %d ms",
+                 count(len(cache.cleared), noun), count(cache.files, "file"),
+                 (time.monotonic() - started) * 1000)
+        return 1 if failed else 0
+    log.info("cleared %s, deleted %s, removed %s%s in %d ms",
+             count(len(cache.cleared), noun), count(rows, "row"), count(cache.files, "file"),
              ", %s %s" % (count(len(failed), noun), "retried alone" if args.for_daemon
                           else "left queued") if failed else "",
              (time.monotonic() - started) * 1000)

@@ -19,7 +19,7 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor     # not lazily, in the run
 
-from .errors import ConfigError, exit_status, one_line
+from .errors import ConfigError, count, exit_status, one_line
 from .templates import Target
 
 UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits on the disk
@@ -272,7 +272,8 @@ class Cache:
             except OSError as e:
                 self.fail(target, "cannot remove %s: %s" % (self.path(*dirs, name), e.strerror))
                 ok = False
-        log.debug("%s: removed %d files", "/".join(dirs + (last,)), removed)
+        log.debug("%s: %s %s", "/".join(dirs + (last,)),
+                  "would remove" if self.dry_run else "removed", count(removed, "file"))
         return ok, removed
 
     def remove_directory(self, parent_fd, dirs, name):

@@ -21,7 +21,8 @@ def test_check_reports_ok_warning_and_critical(db, cache, daemon):
     result = check(dsn=db)
     assert result.returncode == 2, result                   # no daemon listens
     assert result.stdout.startswith("CLEAR_CACHE CRITICAL - 0 rows due, oldest due 0 s,"
-                                    " 0 listeners | due=0 oldest=0s;60;300 listeners=0")
+                                    " 0 listeners; no daemon listens |"
+                                    " due=0 oldest=0s;60;300 listeners=0")
     # A DSN's application_name does not rename the daemon: it names itself.
     d = daemon(cache, "--heartbeat", "600", dsn=db + " application_name=renamed")
     d.wait_ready()
@@ -96,7 +97,7 @@ def test_check_without_a_consumer_checks_every_registered_one(db, cache, daemon,
     daemons["web2"].signal(signal.SIGTERM)
     assert daemons["web2"].wait() == 0
     line = one_line_on_stdout(check(dsn=db), 2)       # the worst wins
-    assert "web1: oldest due 9" in line and "web2: no listener" in line, line
+    assert "web1: oldest due 9" in line and "web2: no daemon listens" in line, line
     assert "1 listener" in line
 
 
@@ -145,3 +146,10 @@ def test_a_monitoring_role_names_the_daemons_role(db, cache, daemon, least):
     result = check("--daemon-role", role, dsn=db)
     assert result.returncode == 0 and "1 listener" in result.stdout, result
     assert check(dsn=least).returncode == 0     # run as the daemon's role: no option
+
+
+def test_warn_0_with_nothing_due_is_ok(db, cache, daemon):
+    d = daemon(cache, "--heartbeat", "600")
+    d.wait_ready()
+    result = check("--warn", "0", dsn=db)
+    assert result.returncode == 0 and result.stdout.startswith("CLEAR_CACHE OK - 0 rows"), result

@@ -63,11 +63,15 @@ def test_quiet_prints_nothing_on_success(db, cache):
 def test_dry_run_changes_nothing(db, cache):
     add_ports(db, "www/a")
     page = make_page(cache, "www/a")
-    result = clear("--dry-run", dsn=db, cache=cache)
+    result = clear("--dry-run", "-v", dsn=db, cache=cache)
     assert result.returncode == 0, result.stderr
     assert str(page) in result.stdout
     assert page.exists()
     assert queued(db) == [("www", "a")]
+    # It says what it would do, never that it did; counts agree in number.
+    assert "removed" not in result.stderr and "deleted" not in result.stderr, result.stderr
+    assert "www/a/*: would remove 1 file\n" in result.stderr, result.stderr
+    assert "dry run: would clear 1 port, would remove 1 file; nothing changed" in result.stderr
 
 
 def test_explicit_ports_leave_the_queue_alone(db, cache):
