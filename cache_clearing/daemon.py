@@ -17,6 +17,7 @@ SIGHUP: run the clearer now.  Exit status 2: a usage or configuration error.
 import logging
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,8 +25,9 @@ import tempfile
 import time
 
 from .config import Parser, add_common_options, env_flag, load_config, seconds, setup_logging
-from .errors import (RETRY_BACKOFF, Backoff, ConfigError, UsageError, count, db_error, exit_status,
-                     one_line, psycopg2, require_psycopg2)
+from . import __version__
+from .errors import (RETRY_BACKOFF, Backoff, ConfigError, UsageError, count, cut, db_error,
+                     exit_status, one_line, psycopg2, require_psycopg2)
 from .pages import open_cache_dir
 from .queues import (NO_IDLE_TIMEOUTS, KEYS_QUERY, UNREGISTERED, connect, daemon_name,
                      lock_timeout, table, take_keys, union, unregistered_reason)
@@ -96,8 +98,25 @@ def main(argv=None):
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    log.info("%s", describe_setup(config))
     clearers = Clearers(config, VERBOSITY_FLAGS[args.verbosity], warm)
     return Daemon(config, args.heartbeat, clearers).run()
+
+
+def describe_setup(config):
+    """One line: the version, the cache directory, the consumer, and each queue with what
+    it clears (its templates, command and channels), cut to a bounded length."""
+    queues = []
+    for queue in config.queues:
+        what = [" ".join(t.text for t in queue.pages)] if queue.pages else []
+        if queue.command:
+            what.append("command " + shlex.join(a.text for a in queue.command))
+        if queue.listen:
+            what.append("on " + " ".join(queue.listen))
+        queues.append("%s (%s)" % (queue.table, "; ".join(what)))
+    return cut("listen_clear_cache %s: cache %s, consumer %r, %s: %s" % (
+        __version__, config.cache_dir, config.consumer, count(len(queues), "queue"),
+        ", ".join(queues)), 2000)
 
 
 def start_time(wanted_at, gated, last_start, news_at):

@@ -576,3 +576,15 @@ def test_braces_are_written_twice(queues, cache, tmp_path):
     result = clear("--config", config, dsn=queues, cache=cache)
     assert result.returncode == 0, result.stderr
     assert not page.exists()
+
+
+def test_the_daemon_says_at_start_what_it_clears(queues, cache, tmp_path, daemon):
+    from cache_clearing import __version__
+    config = write_config(tmp_path, "[q_dates]\npages = d/{day}.html e/{day:%Y}/\n"
+                          "[q_all]\ncommand = /bin/echo all\nlisten = news\n")
+    d = daemon(cache, "--config", config, "--heartbeat", "600")
+    d.wait_ready()
+    first = d.log().splitlines()[0]
+    assert first.endswith("INFO: listen_clear_cache %s: cache %s, consumer '', 2 queues:"
+                          " q_dates (d/{day}.html e/{day:%%Y}/), q_all (command /bin/echo all;"
+                          " on news)" % (__version__, cache)), first
