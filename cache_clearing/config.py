@@ -239,8 +239,10 @@ def read_queues(name, text):
     # No interpolation (% is literal), and no [DEFAULT]: every section is a
     # table.  configparser's defaults go in a section no header can name.
     ini = configparser.ConfigParser(interpolation=None, default_section="\n")
-    if re.search(r"^\s*\[\s*\]\s*$", text, re.M):     # configparser skips it
-        raise ConfigError("%s: []: not a table name" % name)
+    # Headers configparser would skip or read otherwise, as Python versions do.
+    for header in re.findall(r"^\[(.*)\][ \t]*$", text, re.M):
+        if not TABLE_NAME.match(header) or header.upper() == "DEFAULT":
+            raise ConfigError("%s: [%s]: not a table name" % (name, header))
     try:
         ini.read_string(text, name)
     except configparser.Error as e:
