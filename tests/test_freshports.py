@@ -13,7 +13,7 @@ import pytest
 
 from tests.fixtures.common import HERE, wait_for
 from tests.fixtures.daemon import clear, warm_backends
-from tests.fixtures.database import create_database, drop_database, sql
+from tests.fixtures.database import create_database, drop_database, scratch_roles, sql
 
 CONTRIB = HERE / "contrib" / "freshports"
 SITE = (HERE / "contrib" / "freshports" / "subset.sql").read_text()
@@ -230,15 +230,13 @@ def test_a_date_by_hand(site, cache):
 def two_owners(admin_dsn):
     """FreshPorts as its DDL has it: dan owns the queues, postgres cache_clearing_commits;
     the roles listening, commits and www.  {role: DSN}, and the admin's name."""
-    suffix = os.getpid()
-    roles = {what: "lcc_fp_%s_%d" % (what, suffix)
-             for what in ("dan", "listening", "commits", "www")}
-    name = "lcc_fp_roles_%d" % suffix
-    drop_database(admin_dsn, name)
-    for role in roles.values():
-        sql(admin_dsn, "DROP ROLE IF EXISTS %s; CREATE ROLE %s LOGIN" % (role, role))
-    sql(admin_dsn, "CREATE DATABASE %s OWNER %s" % (name, roles["dan"]))
-    base = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    with scratch_roles(admin_dsn, "fp", ("dan", "listening", "commits", "www"), "dan") as (
+            base, roles, dsns):
+        yield from freshports_as_published(admin_dsn, base, roles, dsns)
+
+
+def freshports_as_published(admin_dsn, base, roles, dsns):
+    """The subset with its owners and the site's own grants."""
     sql(base, SITE)
     for table, in sql(base, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
                       " AND tablename <> 'cache_clearing_commits'"):
@@ -247,11 +245,7 @@ def two_owners(admin_dsn):
     # The site's own grants: the import updates ports.
     sql(base, "GRANT SELECT, UPDATE ON ports, element, categories, ports_all TO %s"
         % roles["commits"])
-    dsns = {what: psycopg2.extensions.make_dsn(base, user=role) for what, role in roles.items()}
     yield dsns, sql(admin_dsn, "SELECT current_user")[0][0], roles
-    drop_database(admin_dsn, name)
-    for role in roles.values():
-        sql(admin_dsn, "DROP ROLE IF EXISTS %s" % role)
 
 
 def psql_file(dsn, path, **variables):

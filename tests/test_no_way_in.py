@@ -1,7 +1,6 @@
 """No way in: what other roles can create does not change what the machinery
 and the clearer run."""
 
-import os
 
 import psycopg2
 import psycopg2.errors
@@ -9,7 +8,7 @@ import psycopg2.extensions
 import pytest
 
 from tests.fixtures.daemon import check, clear
-from tests.fixtures.database import GRANTS, drop_database, load_schema, sql
+from tests.fixtures.database import GRANTS, load_schema, scratch_roles, sql
 from tests.fixtures.files import make_page
 
 # Overloads a writer with CREATE on public can add, each a better match than
@@ -49,16 +48,14 @@ OPERATORS = [
 def attacked(admin_dsn, cache):
     """A database whose queues' owner is a plain role, with a writer that may CREATE
     in public and has put its overloads there, and the daemon's role with the
-    README's grants: {role: DSN}, and the page of www/a."""
-    suffix = os.getpid()
-    roles = {what: "lcc_%s_%d" % (what, suffix) for what in ("owner", "writer", "daemon")}
-    name = "lcc_attack_%d" % suffix
-    drop_database(admin_dsn, name)
-    for role in roles.values():
-        sql(admin_dsn, "DROP ROLE IF EXISTS %s; CREATE ROLE %s LOGIN" % (role, role))
-    sql(admin_dsn, "CREATE DATABASE %s OWNER %s" % (name, roles["owner"]))
-    base = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
-    dsns = {what: psycopg2.extensions.make_dsn(base, user=role) for what, role in roles.items()}
+    README's grants: {role: DSN}."""
+    with scratch_roles(admin_dsn, "attack", ("owner", "writer", "daemon"), "owner") as (
+            _, roles, dsns):
+        yield from set_up_attack(roles, dsns)
+
+
+def set_up_attack(roles, dsns):
+    """Load the schema as the owner, grant as the README says, plant the overloads."""
     load_schema(dsns["owner"])
     writer = roles["writer"]
     for grant in GRANTS:
@@ -85,9 +82,6 @@ def attacked(admin_dsn, cache):
             % (i, left, right, "boolean" if op == "=" else "text", what, builtin,
                op, left, right, i))
     yield dsns
-    drop_database(admin_dsn, name)
-    for role in roles.values():
-        sql(admin_dsn, "DROP ROLE IF EXISTS %s" % role)
 
 
 def ran_as_others(dsns):
