@@ -309,6 +309,11 @@ BEGIN
         RETURN;
     END IF;
     IF pg_catalog.to_regclass('ports') IS NULL THEN
+        PERFORM pg_catalog.set_config('client_min_messages', 'notice', true);
+        RAISE NOTICE 'this database had no ports: schema.sql made the example''s, for'
+            ' trying, with ports_cache_clearing and its triggers (see "Adopting on an'
+            ' existing database" in README.md)';
+        PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);
         CREATE TABLE ports (
             id       serial PRIMARY KEY,
             category text NOT NULL,

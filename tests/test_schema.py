@@ -148,3 +148,16 @@ def test_any_insert_into_the_queue_notifies_and_an_empty_one_does_not(db):
         " VALUES ('www', 'a', now() + interval '1 h'), ('www', 'b', now())")
     notes = wait_for(listening.received, what="the INSERT's notification")
     assert [(n.channel, n.payload) for n in notes] == [("clear_ports_cache", "")]
+
+
+def test_schema_says_it_made_the_examples_ports_and_then_nothing(admin_dsn):
+    name = "lcc_new_ports_%d" % os.getpid()
+    drop_database(admin_dsn, name)
+    sql(admin_dsn, "CREATE DATABASE %s" % name)
+    dsn = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    try:
+        said = load_schema(dsn).stderr.strip().splitlines()
+        assert len(said) == 1 and "NOTICE:  this database had no ports" in said[0], said
+        assert load_schema(dsn).stderr == ""        # again: a ports that fits
+    finally:
+        drop_database(admin_dsn, name)
