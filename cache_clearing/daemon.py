@@ -28,7 +28,7 @@ from .config import Parser, add_common_options, env_flag, load_config, seconds, 
 from . import __version__
 from .errors import (RETRY_BACKOFF, Backoff, ConfigError, UsageError, count, cut, db_error,
                      exit_status, one_line, psycopg2, require_psycopg2)
-from .pages import open_cache_dir
+from .pages import lock_cache_dir
 from .queues import (NO_IDLE_TIMEOUTS, KEYS_QUERY, UNREGISTERED, connect, daemon_name,
                      lock_timeout, table, take_keys, union, unregistered_reason)
 
@@ -94,7 +94,7 @@ def main(argv=None):
         require_psycopg2()
         # Each run's deadline, handed to the clearers, is the heartbeat.
         config = load_config(args, give_up=args.heartbeat)
-        os.close(open_cache_dir(config.cache_dir))
+        lock_cache_dir(config.cache_dir)     # held, open, until the daemon ends
     except ConfigError as e:
         log.error("%s", e)
         return 2
