@@ -639,6 +639,8 @@ def test_daemon_retries_database_errors_calmly_without_spinning(db, cache, daemo
     d = daemon(cache, dsn=bad)
     d.wait_log("cannot listen", 6, timeout=30)
     lines = d.log().strip().splitlines()
+    assert "INFO: listen_clear_cache " in lines[0], lines     # what it does, said at start
+    lines = lines[1:]
     assert all("cannot listen" in line for line in lines), lines
     # One line for the outage, then at most one a minute; each attempt at -v.
     assert len([line for line in lines if "ERROR" in line]) == 1, lines
