@@ -288,7 +288,9 @@ def test_failover_to_a_promoted_standby(cluster, cache, daemon, figures):
                 % (cluster.port, standby.port))
         d = daemon(cache, "--heartbeat", "1", "--again-after", "0", dsn=both)
         d.wait_ready()
-        lone = daemon(cache, "--heartbeat", "1", dsn=standby.dsn)      # a standby only
+        lone_cache = cache.parent / "lone-cache"   # one daemon per cache directory
+        lone_cache.mkdir()
+        lone = daemon(lone_cache, "--heartbeat", "1", dsn=standby.dsn)      # a standby only
         lone.wait_log("cannot listen: connected to a standby, which cannot LISTEN: point the"
                       " DSN at the primary, or list all hosts with"
                       " target_session_attrs=read-write")
