@@ -33,7 +33,7 @@ from .config import (DEFAULT_GIVE_UP, DEFAULT_QUEUE, Parser, add_common_options,
 from .errors import (DATABASE_ERROR, RETRY_BACKOFF, Backoff, ConfigError, UsageError, count,
                      cut, db_error, one_line, psycopg2, require_psycopg2, shown)
 from .pages import Cache, open_cache_dir
-from .queues import (NO_IDLE_TIMEOUTS, check_consumer, connect, key_text,
+from .queues import (NO_IDLE_TIMEOUTS, TAKE_TURNS, check_consumer, connect, key_text,
                      lock_timeout, read_any_value, read_keys, record_failures, select_due,
                      update_queues, warm_up)
 
@@ -381,6 +381,8 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
     cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
                 [lock_timeout(config.give_up)])
     answered()
+    cache.progress("waiting for any other clearer's commit")
+    cur.execute(TAKE_TURNS)
     cache.progress("reading the queues")
     # Deduplicate in the database: a backlog can hold a million rows.
     read_any_value(cur)

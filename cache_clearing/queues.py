@@ -344,6 +344,13 @@ def columns(keys, queue_keys, delays=None):
     return params
 
 
+# One clearer at a time, every consumer's and by hand: two runs that overlap
+# while writers commit form read/write cycles in which PostgreSQL cancels the
+# longer at its commit, its work lost, and again at each overlap.  Taken before
+# the snapshot (LOCK TABLE takes none), so that a run begins after the other's
+# commit.  SHARE UPDATE EXCLUSIVE waits for another clearer only: --check
+# reads this table, and no writer touches it, nor does a busy queue's autovacuum.
+TAKE_TURNS = "LOCK TABLE cache_clearing_failures IN SHARE UPDATE EXCLUSIVE MODE"
 # Keys whose pages or command keep failing, in cache_clearing_failures: since
 # when, how many attempts, and when a line last said so (the clearers are
 # processes of their own: the database keeps the log calm across them).

@@ -2,6 +2,7 @@
 clearer cannot use, names in the database's own bytes, a key that keeps
 failing, times at the ends of the line, and a log that stays bounded."""
 
+import contextlib
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from tests.fixtures.common import reliability, wait_for
 from tests.fixtures.daemon import (CLEAR, check, clean_env, clear, waiting_clearer,
                                    warm_backends)
 from tests.fixtures.database import (add_ports, drop_database, load_schema,
-                                     queued, sql, touch_port)
+                                     queued, sql, touch_port, waiting_on_lock)
 from tests.fixtures.files import PAGE, make_immutable, make_page
 
 
@@ -253,20 +254,13 @@ def test_a_clearer_whose_command_runs_within_its_timeout_is_not_killed(db, cache
 
 # ------------------------------------------------------ writers of any isolation level
 
-@reliability
-def test_serializable_writers_never_starve_a_consumers_clearer(db, tmp_path, daemon,
-                                                               consumers, figures):
-    add_ports(db, *("www/p%d" % i for i in range(10)))
-    caches = {}
-    for name in consumers:
-        caches[name] = tmp_path / name
-        caches[name].mkdir()
-        d = daemon(caches[name], "--consumer", name, "--heartbeat", "5")
-        d.wait_ready()
-        caches[name] = caches[name], d
-    stop = threading.Event()
+@contextlib.contextmanager
+def serializable_writer(db):
+    """A program's "clear later": '' rows inserted under SERIALIZABLE, as fast as one
+    connection goes, for the block's length; the list it yields gets how many."""
+    stop, counts = threading.Event(), []
 
-    def insert_empty_rows():    # a program's "clear later", as fast as one connection goes
+    def insert_empty_rows():
         conn = psycopg2.connect(db)
         conn.set_session(isolation_level="SERIALIZABLE")
         n = 0
@@ -280,10 +274,27 @@ def test_serializable_writers_never_starve_a_consumers_clearer(db, tmp_path, dae
                 pass
         conn.close()
         counts.append(n)
-    counts = []
     writer = threading.Thread(target=insert_empty_rows, daemon=True)
     writer.start()
     try:
+        yield counts
+    finally:
+        stop.set()
+        writer.join(10)
+
+
+@reliability
+def test_serializable_writers_never_starve_a_consumers_clearer(db, tmp_path, daemon,
+                                                               consumers, figures):
+    add_ports(db, *("www/p%d" % i for i in range(10)))
+    caches = {}
+    for name in consumers:
+        caches[name] = tmp_path / name
+        caches[name].mkdir()
+        d = daemon(caches[name], "--consumer", name, "--heartbeat", "5")
+        d.wait_ready()
+        caches[name] = caches[name], d
+    with serializable_writer(db) as counts:
         updater = psycopg2.connect(db)
         updater.set_session(isolation_level="SERIALIZABLE")
         for i in range(10):     # a change a second, each cleared on both servers
@@ -293,9 +304,6 @@ def test_serializable_writers_never_starve_a_consumers_clearer(db, tmp_path, dae
             wait_for(lambda: not any(p.exists() for p in pages), timeout=10,
                      what="change %d cleared on both servers" % i)
         updater.close()
-    finally:
-        stop.set()
-        writer.join(10)
     assert counts and counts[0] > 1000, counts     # the writer was busy throughout
     retries = 0
     for _, d in caches.values():
@@ -307,3 +315,40 @@ def test_serializable_writers_never_starve_a_consumers_clearer(db, tmp_path, dae
         "committed": 10, "cleared": "10 on both caches", "wrongly deleted": 0,
         "notes": "%d '' rows inserted meanwhile by one SERIALIZABLE connection; no run failed,"
                  " %d routine retries" % (counts[0], retries)}
+
+
+def test_consumers_runs_take_turns_so_that_a_writer_cannot_doom_the_longer(db, tmp_path,
+                                                                            consumers):
+    # Were web2's run to overlap web1's (held open by its command) and commit,
+    # web1's would be the pivot of a read/write cycle, web2's run reading
+    # what web1 wrote and web1 the queue the busy writer has since committed
+    # to: PostgreSQL cancels it at its commit, all its work lost, and again
+    # at every retry that another run overlaps.
+    add_ports(db, "www/a")
+    started, go = tmp_path / "started", tmp_path / "go"
+    slow = config(tmp_path, "command = sh -c 'touch %s; until [ -e %s ]; do sleep 0.05; done'"
+                            "\ntimeout = 60\n" % (started, go))
+    caches = {name: tmp_path / name for name in consumers}
+    pages = [make_page(cache, "www/a") for cache in caches.values()]
+    touch_port(db, "www/a")
+    runs = {}
+    with serializable_writer(db):
+        runs["web1"] = subprocess.Popen(
+            [sys.executable, CLEAR, "--dsn", db, "--cache-dir", str(caches["web1"]),
+             "--config", slow, "--consumer", "web1"],
+            env=clean_env(), stderr=subprocess.PIPE, text=True)
+        wait_for(started.exists, what="web1's run to be in its command")
+        runs["web2"] = subprocess.Popen(
+            [sys.executable, CLEAR, "--dsn", db, "--cache-dir", str(caches["web2"]),
+             "--consumer", "web2"], env=clean_env(), stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: runs["web2"].poll() is not None
+                 or waiting_on_lock(db, "clear_cache.py"),
+                 what="web2's run to end or to wait for web1's")
+        waited = runs["web2"].poll() is None
+        go.touch()
+        logs = {name: run.communicate(timeout=60)[1] for name, run in runs.items()}
+    assert waited, logs
+    for name, run in runs.items():
+        assert run.returncode == 0, logs[name]
+        assert "retrying" not in logs[name], logs[name]
+    assert not any(page.exists() for page in pages)
