@@ -33,9 +33,9 @@ from .config import (DEFAULT_GIVE_UP, DEFAULT_QUEUE, Parser, add_common_options,
 from .errors import (DATABASE_ERROR, RETRY_BACKOFF, Backoff, ConfigError, UsageError, count,
                      cut, db_error, one_line, psycopg2, require_psycopg2, shown)
 from .pages import Cache, open_cache_dir
-from .queues import (NO_IDLE_TIMEOUTS, TAKE_TURNS, check_consumer, connect, key_text,
-                     lock_timeout, read_any_value, read_keys, record_failures, select_due,
-                     update_queues, warm_up)
+from .queues import (NO_IDLE_TIMEOUTS, ROOM_TO_SORT, TAKE_TURNS, check_consumer, connect,
+                     delete_due, key_text, lock_timeout, queue_again_after, read_any_value,
+                     read_keys, record_failures, select_due, update_queues, warm_up)
 
 ATTEMPTS = 5    # serialization failures and deadlocks retry the whole run
 RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
@@ -370,28 +370,11 @@ def roll_back(cur):
         pass
 
 
-def clear_snapshot(cur, cache, config, layout, answered, alone=False):
-    """Clear the keys due in this transaction's snapshot, delete their rows, queue re-clears.
-
-    alone: a failed key is queued again, to be retried on a backoff of its own.
-    """
-    # The first answer proves the server reachable (no paused pooler): a cheap
-    # statement, so that the deadline never cuts short the SELECT of a large
-    # backlog.  A lock not granted within give_up fails the run: it is retried.
-    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
-                [lock_timeout(config.give_up)])
-    answered()
-    cache.progress("waiting for any other clearer's commit")
-    cur.execute(TAKE_TURNS)
-    cache.progress("reading the queues")
-    # Deduplicate in the database: a backlog can hold a million rows.
-    read_any_value(cur)
-    cur.execute(select_due(layout), {"c": config.consumer})
-    if not cur.rowcount:
-        check_consumer(cur, config.consumer)
-    changed = {}    # item -> queued by a change, not only by a re-clear
+def name_keys(cur, layout, unusable):
+    """({item: queued by a change, not only by a re-clear}, {Target: items}, {item:
+    command}) of the due rows cur read; an item whose values name nothing is left out."""
+    changed = {}
     generated = {}  # item -> its generated columns' values
-    unusable = Unusable()
     for row in cur:
         if row[2] is not None:  # a text too long to name anything: its row goes
             unusable.note(unusable.invalid, layout.queues[row[0]].table, said=row[2])
@@ -404,22 +387,53 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
         queue, values = layout.queues[item[0]], layout.values(item, generated[item])
         if not unusable.file(targets, commands, item, queue, values):
             del changed[item]   # it can never name a cache entry: it goes with the batch
-    unusable.say(cache.dry_run)
-    cache.progress("clearing %s" % count(len(changed), "key"))
+    return changed, targets, commands
+
+
+def clear_snapshot(cur, cache, config, layout, answered, alone=False):
+    """Clear the keys due in this transaction's snapshot, delete their rows, queue re-clears.
+
+    alone: a failed key is queued again, to be retried on a backoff of its own.
+    """
+    # The first answer proves the server reachable (no paused pooler): a cheap
+    # statement, so that the deadline never cuts short the SELECT of a large
+    # backlog.  A lock not granted within give_up fails the run: it is retried.
+    cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = %s",
+                [lock_timeout(config.give_up)])
+    answered()
+    cache.progress("waiting for any other clearer's commit")
+    cur.execute(TAKE_TURNS + "; " + ROOM_TO_SORT)  # the lock before the snapshot
+    cache.progress("reading the queues")
+    # Deduplicate in the database: a backlog can hold a million rows.
+    read_any_value(cur)
+    cur.execute(select_due(layout), {"c": config.consumer})
+    if not cur.rowcount:
+        check_consumer(cur, config.consumer)
+    unusable = Unusable()
     if cache.dry_run:
+        changed, targets, commands = name_keys(cur, layout, unusable)
+        unusable.say(cache.dry_run)
+        cache.progress("clearing %s" % count(len(changed), "key"))
         failed = cache.clear(changed, targets, commands)
         cur.execute("ROLLBACK")
         return 0, failed
     # Under SERIALIZABLE this deletes only the rows in the snapshot; a row
     # committed after it started stays queued for the next run.  Nothing is
     # committed before the files are gone (and the commands done), so the
-    # server may update the queues meanwhile: a large backlog's DELETE and
-    # the unlinks overlap.  The pool's exit waits for it: the connection is
-    # free again only then.
+    # server may update the queues meanwhile: a large backlog's DELETE runs
+    # while the keys are named and their files removed.  The pool's exit
+    # waits for it (an error included): the connection is free again only then.
+    conn = cur.connection
     with ThreadPoolExecutor(1) as pool:
-        updating = pool.submit(update_queues, cur.connection, changed, config, layout)
+        deleting = pool.submit(delete_due, conn, config, layout)
+        changed, targets, commands = name_keys(cur, layout, unusable)
+        unusable.say(cache.dry_run)
+        # Its one worker runs this after the DELETE: the failing keys are known.
+        queueing = pool.submit(lambda: queue_again_after(conn, changed, config, layout,
+                                                         deleting.result()[1]))
+        cache.progress("clearing %s" % count(len(changed), "key"))
         failed = cache.clear(changed, targets, commands)
-    rows, forgotten = updating.result()
+    rows, forgotten = deleting.result()[0], queueing.result()
     if failed:
         cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
         retry = retry_alone(cur, cache, config, layout, failed) if alone else None
