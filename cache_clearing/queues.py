@@ -368,11 +368,10 @@ TAKE_TURNS = "LOCK TABLE cache_clearing_failures IN SHARE UPDATE EXCLUSIVE MODE"
 # A backlog's DISTINCT sorts on disk within the default work_mem (4MB): the
 # FreshPorts backlog's SELECT took 1.0 s, against 0.5 s with 32MB, hashed in
 # memory (measured here).  Raised for the run's transaction only, never
-# lowered (GREATEST is SQL's, not a function: no search_path reaches it); and
-# no JIT, which compiles 85 ms for a plan of plain comparisons.
-ROOM_TO_SORT = ("SELECT pg_catalog.set_config('jit', 'off', true),"
-                " pg_catalog.set_config('work_mem', GREATEST(setting::integer, 32768)::text"
-                " || 'kB', true) FROM pg_catalog.pg_settings WHERE name = 'work_mem'")
+# lowered; and no JIT, which compiles 85 ms for a plan of plain comparisons.
+ROOM_TO_SORT = ("SELECT pg_catalog.set_config('jit', 'off', true), CASE WHEN"
+                " pg_catalog.pg_size_bytes(pg_catalog.current_setting('work_mem')) < 33554432"
+                " THEN pg_catalog.set_config('work_mem', '32MB', true) END")
 # Keys whose pages or command keep failing, in cache_clearing_failures: since
 # when, how many attempts, and when a line last said so (the clearers are
 # processes of their own: the database keeps the log calm across them).
