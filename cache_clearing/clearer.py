@@ -17,6 +17,7 @@ error or a key left queued, 2 usage or configuration error.
 """
 
 import argparse
+import bisect
 import datetime
 import fnmatch
 import logging
@@ -195,8 +196,10 @@ class Unusable:
     def note(self, found, where, values=None, said=None):
         seen = found.setdefault(where, [0, []])
         seen[0] += 1
-        if len(seen[1]) < self.SHOWN:
-            seen[1].append(said or ", ".join("%s=%s" % (k, shown(v)) for k, v in values.items()))
+        # The first few in sorted order, whatever order the server read them in.
+        bisect.insort(seen[1], said or ", ".join("%s=%s" % (k, shown(v))
+                                                 for k, v in values.items()))
+        del seen[1][self.SHOWN:]
 
     def say(self, dry_run):
         for table, (n, first) in self.invalid.items():
