@@ -2,10 +2,11 @@
 -- cache-clearing queue, the queue ports_cache_clearing, and (where the
 -- database has no ports of its own, or one with text columns category and
 -- name) the ports table and the triggers that fill the queue.  Safe to load
--- again: it keeps existing data.  Load it as the role that owns the queues,
--- never as a superuser (see "Adopting on an existing database" in README.md):
+-- again: it keeps existing data.  Load it as the role that owns the queues
+-- (cache_owner in the recipes), never as a superuser (see "Adopting on an
+-- existing database" in README.md), naming the daemon's role for its grants:
 --
---   psql -v ON_ERROR_STOP=1 -f schema.sql
+--   psql -v ON_ERROR_STOP=1 -v daemon_role=cache_clearer -f schema.sql
 
 SET client_min_messages = warning;
 BEGIN;
@@ -398,13 +399,17 @@ END
 $$;
 
 -- Least privilege: the daemon and the clearer need these, and nothing more.
+-- Given the daemon's role, created beforehand, psql grants them:
+--
+--   psql -v ON_ERROR_STOP=1 -v daemon_role=cache_clearer -f schema.sql
+--
 -- Connecting also needs CONNECT on the database and USAGE on the schema,
 -- which PostgreSQL grants to PUBLIC by default; a hardened cluster must
 -- grant them too.  For every other queue a configuration names, the same
 -- three rights on it and its sequence.
---
---   CREATE ROLE freshports_cache LOGIN;
---   GRANT SELECT, INSERT, DELETE ON ports_cache_clearing TO freshports_cache;
---   GRANT USAGE ON SEQUENCE ports_cache_clearing_id_seq TO freshports_cache;
---   GRANT SELECT ON cache_consumers TO freshports_cache;
---   GRANT SELECT, INSERT, UPDATE, DELETE ON cache_clearing_failures TO freshports_cache;
+\if :{?daemon_role}
+GRANT SELECT, INSERT, DELETE ON ports_cache_clearing TO :"daemon_role";
+GRANT USAGE ON SEQUENCE ports_cache_clearing_id_seq TO :"daemon_role";
+GRANT SELECT ON cache_consumers TO :"daemon_role";
+GRANT SELECT, INSERT, UPDATE, DELETE ON cache_clearing_failures TO :"daemon_role";
+\endif

@@ -12,7 +12,8 @@ A page template is a path under the cache directory, such as
 {category}/{port}/* (the default) or categories/{category}/*; only its last
 component may hold glob characters, and one ending in / names a directory.
 With CATEGORY/PORT arguments (or --queue TABLE NAME=VALUE ...) it clears just
-those and leaves the queue alone.  Exit status: 0 all handled, 1 database
+those and leaves the queue alone.  --schema prints schema.sql, the checkout's
+or the one pip installed, for psql.  Exit status: 0 all handled, 1 database
 error or a key left queued, 2 usage or configuration error.
 """
 
@@ -24,6 +25,7 @@ import logging
 import math
 import os
 import sys
+import sysconfig
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +54,8 @@ def main(argv=None):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.schema:
+            return print_schema()
         stamps = env_flag("CLEAR_CACHE_TIMESTAMPS", True)
     except (UsageError, ConfigError) as e:
         return parser.exit(2, "%s: error: %s (see --help)\n" % (parser.prog, e))
@@ -115,6 +119,10 @@ def build_parser():
                         " statement this long after the run began, or a lock is not granted"
                         " in as long (default: $CLEAR_CACHE_GIVE_UP_AFTER, then %g)"
                         % DEFAULT_GIVE_UP)
+    parser.add_argument("--schema", action="store_true", help="print schema.sql (the"
+                        " checkout's, else the one pip installed in share/listen_clear_cache/"
+                        " with contrib/) and exit: clear_cache --schema | psql -v"
+                        " ON_ERROR_STOP=1")
     check.add_options(parser)   # for --help: main() hands a --check to check.main()
     # The daemon's business: connect, then wait for a byte on stdin before
     # the run; end of file: exit 0, no run.
@@ -122,6 +130,31 @@ def build_parser():
     # The daemon's runs: a failed key is retried alone, on a backoff of its own.
     parser.add_argument("--for-daemon", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def shipped(name):
+    """The path of a file shipped beside the code: in the checkout, else where pip put it."""
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    # pip installs the data files under the scheme's data path: the venv, the
+    # prefix, or with --user the user's.
+    for scheme in (None, os.name + "_user"):
+        data = sysconfig.get_path("data", scheme) if scheme else sysconfig.get_path("data")
+        roots.append(os.path.join(data, "share", "listen_clear_cache"))
+    for root in roots:
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise ConfigError("no %s beside the code nor under %s" % (name, " or ".join(roots[1:])))
+
+
+def print_schema():
+    """--schema: schema.sql on stdout, for psql."""
+    try:
+        with open(shipped("schema.sql"), encoding="utf-8") as f:
+            sys.stdout.write(f.read())
+    except (ConfigError, OSError) as e:
+        print("clear_cache: %s" % e, file=sys.stderr)
+        return 2
+    return 0
 
 
 def keys_by_hand(config, table, arguments):

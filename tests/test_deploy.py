@@ -18,9 +18,11 @@ import pytest
 
 from tests.fixtures.common import HERE, copy_checkout, require, typed, wait_for
 from tests.fixtures.daemon import CLEAR
-from tests.fixtures.database import (GRANTS, add_ports, all_queued, backends, libpq_env,
+from tests.fixtures.database import (add_ports, drop_database, grants_to, all_queued, backends, libpq_env,
                                      queue_quietly, queued, sql, touch_port)
 from tests.fixtures.files import make_page
+from tests.fixtures.recipes import (CONTRIB, DAEMON, INSTALLED, SETTINGS, daemontools_service,
+                                    freshports_pages, read_settings, write_settings)
 from tests.fixtures.proxy import free_port
 
 
@@ -54,7 +56,6 @@ def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
         make.wait(timeout=15)
 
 
-CONTRIB = HERE / "contrib"
 
 
 def svstat(service):
@@ -89,12 +90,11 @@ def service(tmp_path, db, cache):
     require(shutil.which("supervise"), "daemontools", "apt-get install daemontools")
     svc = tmp_path / "listen-clear-cache"
     shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
-    (svc / "env" / "CLEAR_CACHE_DSN").write_text(db + "\n")
-    (svc / "env" / "CLEAR_CACHE_DIR").write_text(str(cache) + "\n")
-    (svc / "env" / "LCC_HOME").write_text(str(HERE) + "\n")
+    assert (svc / "env" / "LCC_SETTINGS").read_text().strip() == INSTALLED
+    settings = write_settings(tmp_path / "settings.env", LCC_DAEMON=DAEMON,
+                              CLEAR_CACHE_DSN=db, CLEAR_CACHE_DIR=cache)
+    (svc / "env" / "LCC_SETTINGS").write_text("%s\n" % settings)
     (svc / "env" / "LCC_ACCOUNT").write_text("")       # empty: no setuidgid
-    assert "categories/{category}/*" in (svc / "env" / "CLEAR_CACHE_PAGES").read_text()
-    (svc / "env" / "CLEAR_CACHE_PAGES").write_text("\n")  # empty: the default layout
     reader, writer = os.pipe()      # as svscan connects a service to its log
     env = {"PATH": os.environ["PATH"]}
     log = subprocess.Popen(["supervise", str(svc / "log")], stdin=reader, env=env,
@@ -120,18 +120,18 @@ def test_daemontools_service_end_to_end(db, cache, service):
              what="the daemon's first lines in log/main/current")
     wait_for(lambda: queued(db) == [], what="the catch-up run")
 
-    page = make_page(cache, "www/a")                    # a committed change clears it
+    pages = freshports_pages(cache, "www/a")            # a committed change clears it
     touch_port(db, "www/a")
-    wait_for(lambda: not page.exists(), what="the change to be cleared")
+    wait_for(lambda: not any(p.exists() for p in pages), what="the change to be cleared")
 
-    page = make_page(cache, "www/b")                    # svc -h flushes without NOTIFY
+    page = make_page(cache / "ports", "www/b")          # svc -h flushes without NOTIFY
     queue_quietly(db, "www", "b")
     subprocess.run(["svc", "-h", str(service)], check=True)
     wait_for(lambda: not page.exists(), what="svc -h to flush")
 
     first = up_pid(service)                             # kill -9: supervise restarts it
     os.kill(first, signal.SIGKILL)
-    page = make_page(cache, "www/a", "while-down.html")
+    page = make_page(cache / "ports", "www/a", "while-down.html")
     touch_port(db, "www/a", "3")
     wait_for(lambda: up_pid(service) not in (None, first), what="supervise to restart it")
     wait_for(lambda: not page.exists(), what="the change made while it was down")
@@ -150,88 +150,139 @@ def test_daemontools_service_end_to_end(db, cache, service):
         assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line), line
 
 
-def cron_command():
-    """The command of contrib's @reboot line."""
-    lines = [line for line in (CONTRIB / "cron" / "listen-clear-cache").read_text()
-             .splitlines() if line.startswith("@reboot")]
-    assert len(lines) == 1
-    return lines[0][len("@reboot"):].strip()
+def readme_block(after):
+    """The indented command lines of contrib/README.md's first block after the line `after`."""
+    lines = (CONTRIB / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(after))
+    block, seen = [], False
+    for line in lines[start + 1:]:
+        if line.startswith("    "):
+            block.append(line.strip().split("   #")[0].strip())
+            seen = True
+        elif seen and line.strip():
+            break
+    return block
 
 
-def test_cron_line_runs_in_crons_bare_environment(db, cache, tmp_path):
-    command = cron_command()
-    assert "%" not in command, "cron turns % into a newline"
-    log = tmp_path / "logs" / "cron.log"      # the line makes its directory
-    for example, real in (("/usr/local/listen_clear_cache", str(HERE)),
-                          ("dbname=freshports user=freshports",
-                           db.replace("'", "")),
-                          ("/var/db/freshports/cache", str(cache)),
-                          ("/var/log/freshports/listen_clear_cache.log", str(log))):
-        assert example in command
-        command = command.replace(example, real)
+def as_root(line, paths, cwd):
+    """Run one of contrib/README.md's root command lines, its example paths replaced."""
+    for example, real in paths.items():
+        line = line.replace(example, real)
+    # A line that leaves a process behind (&) keeps no pipe of ours open.
+    out = subprocess.DEVNULL if line.endswith("&") else subprocess.PIPE
+    result = subprocess.run(["sh", "-c", line], cwd=cwd, stdout=out, stderr=out, text=True,
+                            timeout=60)
+    assert result.returncode == 0, (line, result.stderr)
+    return result
+
+
+def test_the_cron_steps_start_the_line_as_the_account_in_crons_environment(db, account, proxy):
+    """contrib/README.md's cron steps as root, the @reboot line as the account (not root),
+    in cron's bare environment: the log's directory is there, the settings file's pages go."""
+    name, home = account
     add_ports(db, "www/a")
-    proc = subprocess.Popen(["env", "-i", "PATH=/usr/bin:/bin", "sh", "-c", command], cwd="/")
-    lookalike = None
+    contrib, cache, logs = home / "contrib", home / "cache", home / "log"
+    paths = {INSTALLED: str(home / "settings.env"), "/var/log/freshports": str(logs),
+             "/var/db/freshports/cache": str(cache), "-u freshports": "-u " + name,
+             "-o freshports -g freshports": "-o %s -g %s" % (name, name),
+             "-g freshports": "-g " + name}
+    # What the steps use from the account's checkout: the settings as `vi` would
+    # leave them, the crontab line with the paths of this test.
+    write_settings(contrib / "listen-clear-cache.env",
+                   LCC_DAEMON="%s %s" % (home / ".venv/bin/python", home / "listen_clear_cache.py"),
+                   CLEAR_CACHE_DSN=psycopg2.extensions.make_dsn(
+                       db, user=name, host="127.0.0.1", port=proxy.port),
+                   CLEAR_CACHE_DIR=cache)
+    line = (contrib / "cron" / "listen-clear-cache").read_text()
+    for example, real in paths.items():
+        line = line.replace(example, real)
+    (contrib / "cron" / "listen-clear-cache").write_text(line)
+
+    first = readme_block("As root, in the checkout's")
+    assert first[1].startswith("install -d") and "/var/db/freshports/cache" in first[1]
+    as_root(first[1], paths, contrib)                       # the cache, the account's
+    settings = readme_block("**The settings**")
+    assert settings[0].startswith("install -m 640 -g freshports")
+    as_root(settings[0], paths, contrib)
+    steps = readme_block("`cron/listen-clear-cache` holds the crontab line")
+    assert len(steps) == 3 and steps[2].startswith("runuser -u freshports") and \
+        steps[2].endswith("&")
+    had = subprocess.run(["crontab", "-u", name, "-l"], capture_output=True).returncode
     try:
+        for step in steps:
+            as_root(step.replace("runuser -u freshports", "runuser -u " + name), paths, contrib)
+        assert "@reboot" in subprocess.run(["crontab", "-u", name, "-l"], capture_output=True,
+                                           text=True).stdout
+        log = logs / "listen_clear_cache.log"
         wait_for(lambda: log.exists() and "listening" in log.read_text(),
-                 what="the daemon started from the cron line")
-        page = make_page(cache, "www/a")
+                 what="the daemon the @reboot line started")
+        daemon = [int(pid) for pid in subprocess.run(
+            ["pgrep", "-f", "listen_clear_cache.py --cache-dir %s$" % cache],
+            capture_output=True, text=True).stdout.split()]
+        assert len(daemon) == 1
+        uid = subprocess.run(["id", "-u", name], capture_output=True, text=True).stdout.strip()
+        assert "Uid:\t%s\t" % uid in Path("/proc/%d/status" % daemon[0]).read_text()
+        pages = freshports_pages(cache, "www/a")
+        subprocess.run(["chown", "-R", name, str(cache)], check=True)
         touch_port(db, "www/a")
-        wait_for(lambda: not page.exists(), what="a change cleared by the cron-started daemon")
-        # The README's pkill commands pick out this daemon alone (env and sh
-        # exec'd into it), even beside a younger process with its command
-        # line, as a clearer it has forked has until its exec.
+        wait_for(lambda: not any(p.exists() for p in pages),
+                 what="the settings file's pages, cleared by the cron-started daemon")
+        # The README's pkill commands pick out this daemon alone, even beside a
+        # younger process with its command line, as a clearer it has forked has
+        # until its exec.
         lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                       "listen_clear_cache.py", "--cache-dir", str(cache)])
-        flush, stop = readme_pkill("-HUP", cache), readme_pkill("-TERM", cache)
-        pgrep = ["pgrep"] + flush[2:]
-        assert subprocess.run(pgrep, capture_output=True, text=True).stdout.split() == [
-            str(proc.pid)]
-        page = make_page(cache, "www/b")
-        queue_quietly(db, "www", "b")
-        subprocess.run(flush, check=True)
-        wait_for(lambda: not page.exists(), what="pkill -HUP to flush")
-        subprocess.run(stop, check=True)
-        assert proc.wait(timeout=20) == 0, log.read_text()
-        assert lookalike.poll() is None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-        if lookalike:
+        try:
+            flush, stop = readme_pkill("-HUP", cache), readme_pkill("-TERM", cache)
+            assert subprocess.run(["pgrep"] + flush[2:], capture_output=True,
+                                  text=True).stdout.split() == [str(daemon[0])]
+            page = make_page(cache / "ports", "www/b")
+            subprocess.run(["chown", "-R", name, str(cache)], check=True)
+            queue_quietly(db, "www", "b")
+            subprocess.run(flush, check=True)
+            wait_for(lambda: not page.exists(), what="pkill -HUP to flush")
+            subprocess.run(stop, check=True)
+            wait_for(lambda: not Path("/proc/%d" % daemon[0]).exists(), what="pkill -TERM")
+            assert lookalike.poll() is None
+        finally:
             lookalike.kill()
             lookalike.wait()
+        assert "Traceback" not in log.read_text() and "stopped" in log.read_text()
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", "--", "--cache-dir %s$" % cache])
+        if had != 0:
+            subprocess.run(["crontab", "-u", name, "-r"], capture_output=True)
 
 
 def readme_pkill(signal_option, cache):
     """contrib/README.md's cron pkill command for one signal, aimed at this cache directory."""
-    lines = [line.split("#")[0] for line in (CONTRIB / "README.md").read_text().splitlines()
+    lines = [line.split("   #")[0] for line in (CONTRIB / "README.md").read_text().splitlines()
              if line.strip().startswith("pkill %s " % signal_option)]
     assert len(lines) == 1, lines
     return shlex.split(lines[0].replace("/var/db/freshports/cache", str(cache)))
 
 
-def test_systemd_unit_settings():
+def unit_settings():
     unit = configparser.ConfigParser(interpolation=None, strict=True)
     unit.optionxform = str      # systemd keys are case-sensitive
     unit.read(CONTRIB / "systemd" / "listen-clear-cache.service")
+    return unit
+
+
+def test_systemd_unit_settings():
+    unit = unit_settings()
     service = unit["Service"]
     assert service["Type"] == "simple"
     assert service["Restart"] == "always"
     assert 0 < float(service["RestartSec"]) <= 5
-    assert service["EnvironmentFile"].startswith("/")
+    assert service["EnvironmentFile"] == INSTALLED
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["KillSignal"] == "SIGTERM"
     assert service["ProtectSystem"] == "strict"
-    assert service["ReadWritePaths"] == "/var/db/freshports/cache"
+    assert service["ReadWritePaths"] == read_settings()["CLEAR_CACHE_DIR"]
     assert service["NoNewPrivileges"] == "yes"
     assert service["PrivateTmp"] == "yes"
-    assert service["ExecStart"].split()[1].endswith("/listen_clear_cache.py")
     assert "Install" in unit and unit["Install"]["WantedBy"]
-    env = (CONTRIB / "systemd" / "listen-clear-cache.env").read_text()
-    assert re.search(r"^CLEAR_CACHE_DSN=", env, re.M)
-    assert re.search(r"^CLEAR_CACHE_DIR=/var/db/freshports/cache$", env, re.M)
-    assert re.search(r"^CLEAR_CACHE_PAGES=ports/\{category\}/\{port\}/\*"
-                     r" categories/\{category\}/\*$", env, re.M)
     if shutil.which("systemd-analyze"):
         result = subprocess.run(["systemd-analyze", "verify", str(
             CONTRIB / "systemd" / "listen-clear-cache.service")], capture_output=True,
@@ -240,40 +291,109 @@ def test_systemd_unit_settings():
             result.stderr
 
 
-def run_script(tmp_path, **env):
-    """contrib's daemontools run script, run once with env/ holding env; its result."""
-    svc = tmp_path / "svc"
-    shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
-    for name, value in env.items():
-        (svc / "env" / name).write_text(value + "\n")
+def test_systemd_exec_start_runs_the_settings_files_daemon(db, cache, tmp_path):
+    """ExecStart as systemd would run it (no systemd here): $$ unescaped to $, the
+    environment the settings file's EnvironmentFile= gives; its pages go."""
+    argv = shlex.split(unit_settings()["Service"]["ExecStart"].replace("$$", "$"))
+    assert argv[0].startswith("/")     # systemd takes no variable for the program
+    settings = write_settings(tmp_path / "settings.env", LCC_DAEMON=DAEMON,
+                              CLEAR_CACHE_DSN=db, CLEAR_CACHE_DIR=cache)
+    env = dict(read_settings(settings), PATH="/usr/bin:/bin", CLEAR_CACHE_TIMESTAMPS="0")
+    add_ports(db, "www/a")
+    log = tmp_path / "journal"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, cwd="/")
+    try:
+        wait_for(lambda: "listening" in log.read_text(), what="the unit's daemon")
+        assert Path("/proc/%d/exe" % proc.pid).resolve() == Path(sys.executable).resolve(), \
+            "sh exec'd the daemon: $MAINPID is the daemon's"
+        wait_for(lambda: queued(db) == [], what="the catch-up run")
+        pages = freshports_pages(cache, "www/a")
+        touch_port(db, "www/a")
+        wait_for(lambda: not any(p.exists() for p in pages), what="the settings' pages to go")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+
+
+def test_the_settings_file_reads_the_same_in_sh_as_in_systemd():
+    shown = subprocess.run(["env", "-i", "sh", "-c", "set -a; . %s; env -0" % SETTINGS],
+                           capture_output=True, text=True, check=True).stdout
+    by_sh = dict(item.split("=", 1) for item in shown.split("\0") if item)
+    settings = read_settings()
+    assert {name: by_sh.get(name) for name in settings} == settings
+    assert set(settings) >= {"LCC_DAEMON", "CLEAR_CACHE_DSN", "CLEAR_CACHE_DIR",
+                             "CLEAR_CACHE_PAGES"}
+
+
+def test_every_recipe_reads_the_one_settings_file_and_sets_no_pages_of_its_own():
+    """A change of templates is made once: no recipe names pages, a configuration,
+    a DSN or the daemon's command itself; each reads the settings file."""
+    svc = CONTRIB / "daemontools" / "listen-clear-cache"
+    recipes = {"daemontools": [svc / "run", svc / "log" / "run"] + sorted((svc / "env").iterdir()),
+               "cron": [CONTRIB / "cron" / "listen-clear-cache"],
+               "systemd": [CONTRIB / "systemd" / "listen-clear-cache.service"]}
+    reads = {"daemontools": (svc / "env" / "LCC_SETTINGS").read_text().strip(),
+             "cron": re.search(r"\. (\S+) &&", cron_line()).group(1),
+             "systemd": unit_settings()["Service"]["EnvironmentFile"]}
+    assert set(reads.values()) == {INSTALLED}, reads
+    for recipe, files in recipes.items():
+        for path in files:
+            text = "\n".join(line for line in path.read_text().splitlines()
+                              if not line.lstrip().startswith("#"))
+            for setting in ("CLEAR_CACHE_PAGES", "--pages", "CLEAR_CACHE_CONFIG", "--config",
+                            "CLEAR_CACHE_DSN", "--dsn", "listen_clear_cache.py"):
+                assert setting not in text, (recipe, path.name, setting)
+    assert not (svc / "env" / "CLEAR_CACHE_PAGES").exists()
+
+
+def cron_line():
+    """The command of contrib's @reboot line."""
+    lines = [line for line in (CONTRIB / "cron" / "listen-clear-cache").read_text()
+             .splitlines() if line.startswith("@reboot")]
+    assert len(lines) == 1 and "%" not in lines[0], "cron turns % into a newline"
+    return lines[0][len("@reboot"):].strip()
+
+
+def run_script(tmp_path, account="", **settings):
+    """contrib's daemontools run script, run once; its result."""
+    svc, _ = daemontools_service(tmp_path, account, **settings)
     return subprocess.run(["./run"], cwd=svc, capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ["PATH"]})
 
 
-@pytest.mark.parametrize("env, says", [
-    ({"LCC_ACCOUNT": "no_such_account_lcc"}, "no account no_such_account_lcc"),
-    ({"LCC_ACCOUNT": "", "LCC_HOME": "{tmp}/nowhere"}, "cannot run {tmp}/nowhere/.venv/bin/python"),
-    ({"LCC_ACCOUNT": "", "LCC_HOME": "{here}", "CLEAR_CACHE_DIR": "{tmp}/missing"},
-     "cannot write the cache directory {tmp}/missing")])
-def test_daemontools_run_script_says_what_is_wrong_before_starting(tmp_path, cache, env, says):
-    env = {k: v.format(tmp=tmp_path, here=HERE) for k, v in env.items()}
-    says = says.format(tmp=tmp_path)
-    result = run_script(tmp_path / "svc", **env)
+@pytest.mark.parametrize("account, settings, says", [
+    ("no_such_account_lcc", {}, "no account no_such_account_lcc"),
+    ("", {"LCC_DAEMON": "{tmp}/nowhere/bin/listen_clear_cache"},
+     "cannot run {tmp}/nowhere/bin/listen_clear_cache (LCC_DAEMON in {tmp}/settings.env"),
+    ("", {"LCC_DAEMON": DAEMON, "CLEAR_CACHE_DIR": "{tmp}/missing"},
+     "cannot write the cache directory {tmp}/missing (CLEAR_CACHE_DIR in {tmp}/settings.env)")])
+def test_daemontools_run_script_says_what_is_wrong_before_starting(tmp_path, cache, account,
+                                                                    settings, says):
+    settings = {k: v.format(tmp=tmp_path) for k, v in settings.items()}
+    result = run_script(tmp_path, account, **settings)
     assert result.returncode == 1, result
     assert len(result.stdout.strip().splitlines()) == 1, result.stdout     # one line
-    assert result.stdout.startswith("listen-clear-cache run: ") and says in result.stdout, \
-        result.stdout
+    assert result.stdout.startswith("listen-clear-cache run: ") and \
+        says.format(tmp=tmp_path) in result.stdout, result.stdout
+
+
+def test_daemontools_run_script_says_a_settings_file_it_cannot_read(tmp_path):
+    svc, settings = daemontools_service(tmp_path)
+    settings.unlink()
+    result = subprocess.run(["./run"], cwd=svc, capture_output=True, text=True, timeout=60,
+                            env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 1 and result.stdout == (
+        "listen-clear-cache run: cannot read the settings file %s (env/LCC_SETTINGS)\n"
+        % settings), result
 
 
 def test_daemontools_run_script_warns_about_a_readable_secret(tmp_path, cache):
-    svc_env = {"LCC_ACCOUNT": "", "LCC_HOME": str(HERE), "CLEAR_CACHE_DIR": str(cache),
-               "CLEAR_CACHE_DSN": "host=127.0.0.1 port=%d connect_timeout=1" % free_port()}
-    svc = tmp_path / "svc"
-    shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
-    for name, value in svc_env.items():
-        (svc / "env" / name).write_text(value + "\n")
-    for mode, warned in ((0o644, True), (0o600, False)):
-        (svc / "env" / "CLEAR_CACHE_DSN").chmod(mode)
+    svc, settings = daemontools_service(
+        tmp_path, LCC_DAEMON=DAEMON, CLEAR_CACHE_DIR=cache,
+        CLEAR_CACHE_DSN="host=127.0.0.1 port=%d connect_timeout=1" % free_port())
+    for mode, warned in ((0o644, True), (0o640, False)):
+        settings.chmod(mode)
         proc = subprocess.Popen(["./run"], cwd=svc, stdout=subprocess.PIPE, text=True,
                                 env={"PATH": os.environ["PATH"]})
         try:
@@ -281,8 +401,7 @@ def test_daemontools_run_script_warns_about_a_readable_secret(tmp_path, cache):
         finally:
             proc.terminate()
             proc.wait(timeout=20)
-        assert ("env/CLEAR_CACHE_DSN is readable by everyone; chmod 600 it" in first) == warned, \
-            first
+        assert ("%s is readable by everyone; chmod 640 it" % settings in first) == warned, first
 
 
 @pytest.fixture
@@ -292,8 +411,9 @@ def account(db, tmp_path):
     name = "lcc_acct_%d" % os.getpid()
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
                     name], check=True)
-    for grant in ["CREATE ROLE %s LOGIN" % name] + GRANTS[1:]:
-        sql(db, grant.replace("freshports_cache", name))
+    sql(db, "CREATE ROLE %s LOGIN" % name)
+    for grant in grants_to(name):
+        sql(db, grant)
     # pyenv's interpreters live in root's mode-700 home: Debian's python3 it is,
     # in a directory the account can read.
     home = Path(tempfile.mkdtemp(prefix="lcc-checkout-"))
@@ -317,16 +437,12 @@ def test_daemontools_run_script_runs_the_daemon_as_its_account(db, tmp_path, acc
     cache.mkdir()
     shutil.chown(cache, group=name)
     cache.chmod(0o775)
-    svc = tmp_path / "svc"
-    shutil.copytree(CONTRIB / "daemontools" / "listen-clear-cache", svc, symlinks=True)
-    for var, value in {"LCC_ACCOUNT": name, "LCC_HOME": str(home),
-                       "CLEAR_CACHE_DIR": str(cache), "CLEAR_CACHE_PAGES": "",
-                       # Over TCP: the checkout's own server lets no other account
-                       # reach its socket.
-                       "CLEAR_CACHE_DSN": psycopg2.extensions.make_dsn(
-                           db, user=name, host="127.0.0.1", port=proxy.port)}.items():
-        (svc / "env" / var).write_text(value + "\n")
-    (svc / "env" / "CLEAR_CACHE_DSN").chmod(0o600)
+    svc, _ = daemontools_service(
+        tmp_path, name, CLEAR_CACHE_DIR=cache,
+        LCC_DAEMON="%s %s" % (home / ".venv/bin/python", home / "listen_clear_cache.py"),
+        # Over TCP: the checkout's own server lets no other account reach its socket.
+        CLEAR_CACHE_DSN=psycopg2.extensions.make_dsn(db, user=name, host="127.0.0.1",
+                                                     port=proxy.port))
     log = tmp_path / "run.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["./run"], cwd=svc, stdout=out, stderr=out,
@@ -339,10 +455,11 @@ def test_daemontools_run_script_runs_the_daemon_as_its_account(db, tmp_path, acc
         assert Path("/proc/%d/status" % proc.pid).read_text().count(
             "Uid:\t%d\t" % int(subprocess.run(["id", "-u", name], capture_output=True,
                                                text=True).stdout)) == 1
-        page = make_page(cache, "www/a")
-        page.parent.chmod(0o777)
+        pages = freshports_pages(cache, "www/a")
+        subprocess.run(["chown", "-R", name, str(cache)], check=True)
         touch_port(db, "www/a")
-        wait_for(lambda: not page.exists(), what="a change cleared by the account's daemon")
+        wait_for(lambda: not any(p.exists() for p in pages),
+                 what="a change cleared by the account's daemon")
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -357,7 +474,7 @@ def test_daemontools_files_are_complete():
     assert run.index("exec 2>&1") < run.index("exec envdir ./env")
     assert "setuidgid" in run
     assert "exec multilog t" in (svc / "log" / "run").read_text()
-    for name in ("CLEAR_CACHE_DSN", "CLEAR_CACHE_DIR", "CLEAR_CACHE_TIMESTAMPS"):
+    for name in ("LCC_SETTINGS", "CLEAR_CACHE_TIMESTAMPS"):
         assert (svc / "env" / name).read_text().strip()
 
 
@@ -375,20 +492,6 @@ def supervising(under):
     return found
 
 
-def readme_block(after):
-    """The indented command lines of contrib/README.md's first block after the line `after`."""
-    lines = (CONTRIB / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(after))
-    block, seen = [], False
-    for line in lines[start + 1:]:
-        if line.startswith("    "):
-            block.append(line.strip().split("   #")[0].strip())
-            seen = True
-        elif seen and line.strip():
-            break
-    return block
-
-
 def test_the_daemontools_steps_install_and_uninstall_as_written(db, cache, tmp_path):
     """contrib/README.md's install lines under a real svscan, then its uninstall lines."""
     require(shutil.which("svscan"), "daemontools", "apt-get install daemontools")
@@ -399,28 +502,28 @@ def test_the_daemontools_steps_install_and_uninstall_as_written(db, cache, tmp_p
     def run(line):
         for example, real in paths.items():
             line = line.replace(example, real)
-        subprocess.run(["sh", "-c", line], cwd=HERE, check=True, capture_output=True)
+        subprocess.run(["sh", "-c", line], cwd=CONTRIB, check=True, capture_output=True)
 
     scan = subprocess.Popen(["svscan", str(services)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         install = readme_block("Install (Debian")
-        assert install[0].startswith("mkdir") and install[3].startswith("vi ")
-        for line in install[:3]:
+        assert install[0].startswith("mkdir") and install[2].startswith("vi ")
+        for line in install[:2]:
             run(line)
         env = src / "listen-clear-cache" / "env"        # what `vi` would do
-        for name, value in (("CLEAR_CACHE_DSN", db), ("CLEAR_CACHE_DIR", str(cache)),
-                            ("LCC_HOME", str(HERE)), ("LCC_ACCOUNT", ""),
-                            ("CLEAR_CACHE_PAGES", "")):
-            (env / name).write_text(value + "\n")
-        assert oct((env / "CLEAR_CACHE_DSN").stat().st_mode)[-3:] == "600"
-        run(install[4])                                  # the link: svscan starts it
+        settings = write_settings(tmp_path / "settings.env", LCC_DAEMON=DAEMON,
+                                  CLEAR_CACHE_DSN=db, CLEAR_CACHE_DIR=cache)
+        (env / "LCC_SETTINGS").write_text("%s\n" % settings)
+        (env / "LCC_ACCOUNT").write_text("\n")
+        run(install[3])                                  # the link: svscan starts it
         service = services / "listen-clear-cache"
         wait_for(lambda: up_pid(service), timeout=20, what="svscan to start the service")
         add_ports(db, "www/a")
-        page = make_page(cache, "www/a")
+        pages = freshports_pages(cache, "www/a")
         touch_port(db, "www/a")
-        wait_for(lambda: not page.exists(), what="the installed service to clear a change")
+        wait_for(lambda: not any(p.exists() for p in pages),
+                 what="the installed service to clear a change")
         daemon = up_pid(service)
 
         uninstall = readme_block("Uninstall, in this order")
@@ -436,3 +539,56 @@ def test_the_daemontools_steps_install_and_uninstall_as_written(db, cache, tmp_p
         scan.wait(timeout=20)
         for s in (src / "listen-clear-cache", src / "listen-clear-cache" / "log"):
             subprocess.run(["svc", "-dx", str(s)], capture_output=True)
+
+
+def test_the_database_steps_make_an_owner_and_a_daemon_role_that_clears(admin_dsn, cache):
+    """contrib/README.md's database lines (su postgres aside: the admin's own session):
+    the queues belong to the owner, the daemon's role has its grants and clears."""
+    suffix = os.getpid()
+    owner, clearer, name = ("lcc_steps_owner_%d" % suffix, "lcc_steps_clearer_%d" % suffix,
+                            "lcc_steps_%d" % suffix)
+    base = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    steps = readme_block("**The database**")
+    assert len(steps) == 2 and all("su postgres -c " in step for step in steps), steps
+    sql(admin_dsn, "CREATE DATABASE %s" % name)
+    try:
+        for step in steps:
+            for example, real in (("su postgres -c ", "sh -c "), (" -d freshports", ""),
+                                  ("cache_owner", owner), ("cache_clearer", clearer),
+                                  ("/usr/local/listen_clear_cache/.venv/bin/python",
+                                   sys.executable),
+                                  ("/usr/local/listen_clear_cache/", "%s/" % HERE)):
+                step = step.replace(example, real)
+            result = subprocess.run(["sh", "-c", step], env=libpq_env(base),
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, (step, result.stderr)
+        assert sql(base, "SELECT tableowner FROM pg_tables WHERE tablename IN"
+                   " ('ports_cache_clearing', 'cache_clearing_failures', 'ports')") == \
+            [(owner,)] * 3
+        sql(base, "INSERT INTO ports (category, name) VALUES ('www', 'a')")
+        pages = [make_page(cache, "www/a")]
+        result = subprocess.run([sys.executable, str(HERE / "clear_cache.py"), "--cache-dir",
+                                 str(cache)], env=libpq_env(psycopg2.extensions.make_dsn(
+                                     base, user=clearer)), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert not pages[0].exists()
+    finally:
+        drop_database(admin_dsn, name)
+        sql(admin_dsn, "DROP ROLE IF EXISTS %s; DROP ROLE IF EXISTS %s" % (owner, clearer))
+
+
+def test_the_roles_have_one_name_each_in_every_file():
+    """The queues' owner, the daemon's role: one name each, wherever a file names them."""
+    files = [HERE / "schema.sql", HERE / "README.md", CONTRIB / "README.md", SETTINGS,
+             CONTRIB / "freshports" / "adopt.sql"]
+    for path in files:
+        text = path.read_text()
+        for old in ("freshports_cache", "user=freshports", "daemon=listening",
+                    "user=listening"):
+            assert old not in text, (path.name, old)
+    assert "daemon_role=cache_clearer" in (HERE / "schema.sql").read_text()
+    assert "user=cache_clearer" in read_settings()["CLEAR_CACHE_DSN"]
+    assert "-v daemon=cache_clearer" in (CONTRIB / "freshports" / "adopt.sql").read_text()
+    for readme in (HERE / "README.md", CONTRIB / "README.md"):
+        text = readme.read_text()
+        assert "`cache_owner`" in text and "`cache_clearer`" in text, readme

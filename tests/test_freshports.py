@@ -229,8 +229,8 @@ def test_a_date_by_hand(site, cache):
 @pytest.fixture
 def two_owners(admin_dsn):
     """FreshPorts as its DDL has it: dan owns the queues, postgres cache_clearing_commits;
-    the roles listening, commits and www.  {role: DSN}, and the admin's name."""
-    with scratch_roles(admin_dsn, "fp", ("dan", "listening", "commits", "www"), "dan") as (
+    the roles cache_clearer, commits and www.  {role: DSN}, and the admin's name."""
+    with scratch_roles(admin_dsn, "fp", ("dan", "cache_clearer", "commits", "www"), "dan") as (
             base, roles, dsns):
         yield from freshports_as_published(admin_dsn, base, roles, dsns)
 
@@ -258,7 +258,7 @@ def psql_file(dsn, path, **variables):
 def test_adoption_with_freshports_owners_and_roles(two_owners, cache, daemon, tmp_path):
     dsns, admin, roles = two_owners
     assert psql_file(dsns["dan"], HERE / "schema.sql").returncode == 0
-    grants = dict(daemon=roles["listening"], commits=roles["commits"], www=roles["www"])
+    grants = dict(daemon=roles["cache_clearer"], commits=roles["commits"], www=roles["www"])
     result = psql_file(dsns["dan"], CONTRIB / "adopt.sql", **grants)
     said = result.stderr.strip().splitlines()
     assert result.returncode == 3 and len(said) == 1, result.stderr
@@ -267,11 +267,11 @@ def test_adoption_with_freshports_owners_and_roles(two_owners, cache, daemon, tm
     sql(psycopg2.extensions.make_dsn(dsns["dan"], user=admin), fix)
     result = psql_file(dsns["dan"], CONTRIB / "adopt.sql", **grants)
     assert result.returncode == 0 and result.stderr == "", result.stderr
-    # The daemon as listening, the import as commits: nothing but their grants.
+    # The daemon as cache_clearer, the import as commits: nothing but their grants.
     config = tmp_path / "fp.ini"
     config.write_text((CONTRIB / "listen_clear_cache.ini").read_text().replace(
         "/sbin/zfs rollback -r zroot/freshports/cache/packages@empty", "/bin/true"))
-    d = daemon(cache, "--config", str(config), "--heartbeat", "600", dsn=dsns["listening"])
+    d = daemon(cache, "--config", str(config), "--heartbeat", "600", dsn=dsns["cache_clearer"])
     d.wait_ready()
     d.wait_idle()
     port, news = pages(cache, "ports/www/nginx/index.html", "news/index.html")

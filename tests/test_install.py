@@ -13,6 +13,7 @@ from tests.fixtures.common import HERE, copy_checkout, require, typed, wait_for
 from tests.fixtures.daemon import clean_env, CLEAR, LISTEN
 from tests.fixtures.database import add_ports, libpq_env, sql, touch_port
 from tests.fixtures.files import make_page
+from tests.fixtures.recipes import daemontools_service, freshports_pages
 
 
 def test_both_scripts_say_one_version():
@@ -115,6 +116,44 @@ def test_the_sdist_ships_the_schema_and_the_recipes(built):
                    "contrib/daemontools/listen-clear-cache/run", "contrib/README.md",
                    "docs/design.md"):
         assert "/" + wanted + "\n" in names, wanted
+
+
+def test_the_installed_clear_cache_prints_the_schema_and_pip_ships_the_recipes(installed):
+    result = subprocess.run([str(installed / "clear_cache"), "--schema"], capture_output=True,
+                            text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (HERE / "schema.sql").read_text()
+    share = installed.parent / "share" / "listen_clear_cache"
+    for name in ("contrib/freshports/adopt.sql", "contrib/freshports/listen_clear_cache.ini",
+                 "contrib/freshports/subset.sql", "contrib/listen-clear-cache.env",
+                 "contrib/README.md", "contrib/cron/listen-clear-cache",
+                 "contrib/systemd/listen-clear-cache.service",
+                 "contrib/daemontools/listen-clear-cache/run",
+                 "contrib/daemontools/listen-clear-cache/env/LCC_SETTINGS"):
+        assert (share / name).read_bytes() == (HERE / name).read_bytes(), name
+    assert os.access(share / "contrib/daemontools/listen-clear-cache/run", os.X_OK)
+
+
+def test_the_daemontools_recipe_runs_the_installed_command_by_one_setting(installed, db, cache,
+                                                                         tmp_path):
+    """LCC_DAEMON, the one setting that differs, names pip's command: its pages go."""
+    svc, _ = daemontools_service(tmp_path, LCC_DAEMON=str(installed / "listen_clear_cache"),
+                                 CLEAR_CACHE_DSN=db, CLEAR_CACHE_DIR=cache)
+    add_ports(db, "www/a")
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["./run"], cwd=svc, stdout=out, stderr=out,
+                                env={"PATH": os.environ["PATH"]})
+    try:
+        wait_for(lambda: "listening" in log.read_text(), what="the installed daemon")
+        assert Path("/proc/%d/cmdline" % proc.pid).read_bytes().split(b"\0")[1] == \
+            str(installed / "listen_clear_cache").encode()
+        pages = freshports_pages(cache, "www/a")
+        touch_port(db, "www/a")
+        wait_for(lambda: not any(p.exists() for p in pages), what="its pages to go")
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0, log.read_text()
 
 
 def bsd_make():

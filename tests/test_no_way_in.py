@@ -8,7 +8,7 @@ import psycopg2.extensions
 import pytest
 
 from tests.fixtures.daemon import check, clear
-from tests.fixtures.database import GRANTS, load_schema, scratch_roles, sql
+from tests.fixtures.database import load_schema, scratch_roles, sql
 from tests.fixtures.files import make_page
 
 # Overloads a writer with CREATE on public can add, each a better match than
@@ -56,11 +56,8 @@ def attacked(admin_dsn, cache):
 
 def set_up_attack(roles, dsns):
     """Load the schema as the owner, grant as the README says, plant the overloads."""
-    load_schema(dsns["owner"])
+    load_schema(dsns["owner"], daemon_role=roles["daemon"])     # with its grants
     writer = roles["writer"]
-    for grant in GRANTS:
-        sql(dsns["owner"], grant.replace("freshports_cache", roles["daemon"])
-            .replace("CREATE ROLE %s LOGIN;" % roles["daemon"], "SELECT 1"))
     sql(dsns["owner"], "GRANT INSERT ON ports_cache_clearing TO {0};"
         " GRANT USAGE ON SEQUENCE ports_cache_clearing_id_seq TO {0};"
         " GRANT SELECT, UPDATE ON ports TO {0}; GRANT CREATE ON SCHEMA public TO {0};"

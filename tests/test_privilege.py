@@ -14,7 +14,7 @@ from tests.fixtures.files import make_immutable, make_page
 # ---------------------------------------------------------- least privilege
 
 def test_least_privilege_is_enough_and_no_more(db, cache, daemon, least):
-    assert len(GRANTS) == 5, GRANTS
+    assert len(GRANTS) == 4, GRANTS
     add_ports(db, "www/a", "www/b")
     page = make_page(cache, "www/a")
     result = clear(dsn=least, cache=cache)

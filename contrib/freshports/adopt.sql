@@ -3,7 +3,7 @@
 -- naming the roles it grants to (each optional: a role it is not given gets
 -- nothing):
 --
---   psql -U dan -d freshports -v ON_ERROR_STOP=1 -v daemon=listening \
+--   psql -U dan -d freshports -v ON_ERROR_STOP=1 -v daemon=cache_clearer \
 --        -v commits=commits -v www=www -f contrib/freshports/adopt.sql
 --
 -- daemon: the role listen_clear_cache connects as; commits: the commit
