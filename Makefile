@@ -12,6 +12,9 @@ PYTHON ?= python3
 PSQL ?= psql
 VENV ?= .venv
 CACHE_DIR ?= cache
+# make run and make demo load schema.sql as this role, made for the queues when
+# libpq's role is a superuser (contrib/make/schema.sh says which it used).
+OWNER ?= cache_owner
 ARGS ?=
 PG ?=
 PY = $(VENV)/bin/python
@@ -41,7 +44,7 @@ test: $(VENV)/.dev-installed
 	@$(WITH_TEST_PG) -- $(PY) -m pytest -q $(ARGS)
 
 run: venv
-	@$(WITH_PG) -- sh contrib/make/run.sh $(PY) $(PSQL) $(CACHE_DIR)
+	@$(WITH_PG) -- sh contrib/make/run.sh $(PY) $(PSQL) $(CACHE_DIR) $(OWNER)
 
 flush: venv
 	mkdir -p $(CACHE_DIR)
@@ -58,7 +61,7 @@ reliability: $(VENV)/.dev-installed
 # The demo uses the database `make run` uses, a temporary cache directory,
 # and a port named demo/hello, which it removes again with its queue rows.
 demo: venv
-	@$(WITH_PG) -- bash contrib/make/demo.sh $(PY) $(PSQL)
+	@$(WITH_PG) -- bash contrib/make/demo.sh $(PY) $(PSQL) $(OWNER)
 
 # Stops the checkout's own PostgreSQL; its data stays in .pg/ for the next command.
 pg-stop:

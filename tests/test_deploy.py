@@ -58,6 +58,37 @@ def test_the_commands_make_run_prints_show_a_page_go(db, tmp_path):
 
 
 
+def test_make_run_loads_the_schema_as_an_owner_it_makes_not_as_the_superuser(admin_dsn,
+                                                                             tmp_path):
+    suffix = os.getpid()
+    name, owner = "lcc_make_%d" % suffix, "lcc_make_owner_%d" % suffix
+    drop_database(admin_dsn, name)
+    sql(admin_dsn, "CREATE DATABASE %s" % name)
+    base = psycopg2.extensions.make_dsn(admin_dsn, dbname=name)
+    assert sql(base, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") == [(True,)]
+    out, err = tmp_path / "out", tmp_path / "err"
+    venv = Path(sys.executable).parent.parent
+    with out.open("w") as stdout, err.open("w") as stderr:
+        make = subprocess.Popen(["make", "-s", "run", "CACHE_DIR=%s" % (tmp_path / "cache"),
+                                 "VENV=%s" % venv, "OWNER=%s" % owner], cwd=HERE,
+                                env=typed(libpq_env(base)), stdout=stdout, stderr=stderr,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: "listening" in err.read_text(), what="make run's daemon")
+        said = [line for line in out.read_text().splitlines() if "schema.sql" in line]
+        assert said[0].startswith("make: loading schema.sql as %s, the queues' owner" % owner), \
+            said
+        assert sql(base, "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname ="
+                   " 'public'") == [(owner,)]
+        assert sql(base, "SELECT rolsuper, rolcanlogin FROM pg_roles WHERE rolname = %s",
+                   (owner,)) == [(False, False)]
+    finally:
+        os.killpg(make.pid, signal.SIGTERM)
+        make.wait(timeout=15)
+        drop_database(admin_dsn, name)
+        sql(admin_dsn, "DROP ROLE IF EXISTS %s" % owner)
+
+
 def svstat(service):
     """svstat's one-line report on a service directory."""
     return subprocess.run(["svstat", str(service)], capture_output=True, text=True,

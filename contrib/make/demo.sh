@@ -2,9 +2,9 @@
 # make demo: insert a port, cache its page, start the daemon, update the port,
 # watch the page go; then remove the port, its pages and its queue rows
 # (re-clears included).  Uses the database `make run` uses: libpq's defaults.
-#   contrib/make/demo.sh PYTHON PSQL
+#   contrib/make/demo.sh PYTHON PSQL OWNER
 set -eu
-py=$1 psql_cmd=$2
+py=$1 psql_cmd=$2 owner=$3
 cache=$(mktemp -d); log=$cache/daemon.log; pid=
 psql() { command $psql_cmd -q -v ON_ERROR_STOP=1 "$@"; }
 cleanup() {
@@ -15,7 +15,7 @@ cleanup() {
 }
 trap cleanup EXIT
 page=$cache/demo/hello/Detail.Part1.head.PageSize100.PageNum1.html
-psql -f schema.sql
+sh contrib/make/schema.sh "$psql_cmd" "$owner"
 psql -c "DELETE FROM ports WHERE category = 'demo' AND name = 'hello'"
 psql -c "INSERT INTO ports (category, name, version) VALUES ('demo', 'hello', '1.0')"
 "$py" clear_cache.py -q --cache-dir "$cache" --again-after 0

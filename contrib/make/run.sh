@@ -1,13 +1,13 @@
 #!/bin/sh
 # make run: load schema.sql, create the cache directory, print the two commands
 # to try in another terminal, and run the daemon in the foreground.
-#   contrib/make/run.sh PYTHON PSQL CACHE_DIR
+#   contrib/make/run.sh PYTHON PSQL CACHE_DIR OWNER
 # The commands it prints make the page only once the INSERT's own clear and
 # re-clear are done (the text says to wait), and list it again after a pause:
 # an `ls` right after psql can beat the daemon's few ms.
 set -eu
-py=$1 psql=$2 cache=$3
-$psql -q -v ON_ERROR_STOP=1 -f schema.sql
+py=$1 psql=$2 cache=$3 owner=$4
+sh contrib/make/schema.sh "$psql" "$owner"
 mkdir -p "$cache"
 # The other terminal must reach the same server: where make chose it (the
 # checkout's own, say), the commands name it.
