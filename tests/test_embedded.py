@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.common import copy_checkout, make_pg, require, typed, wait_for
+from tests.fixtures.common import HERE, copy_checkout, make_pg, require, typed, wait_for
 from tests.fixtures.daemon import alive
 from tests.fixtures.database import server_location, sql
 
@@ -145,11 +145,23 @@ def test_pg_embedded_is_used_even_where_a_server_answers(checkout, database):
 def test_a_pg_variable_naming_a_silent_server_is_one_line_and_no_switch(checkout, tmp_path):
     env = dict(user_env(), PGHOST=str(tmp_path / "nothing-listens-here"))
     result = make(checkout, "demo", hide_defaults=True, env=env)
-    assert result.returncode != 0
+    assert result.returncode == 2, "GNU make's status, as the README says"
     ours = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
-    assert len(ours) == 1 and ours[0].startswith("make: no PostgreSQL answers"), result.stderr
+    assert len(ours) == 1 and ours[0].startswith(
+        "make: no PostgreSQL answers at PGHOST=%s; " % env["PGHOST"]), result.stderr
+    assert "set PGHOST" not in ours[0]
     assert "Traceback" not in result.stderr
     assert not (checkout / ".pg").exists()
+    assert "GNU make exits 2, BSD make 1" in (HERE / "README.md").read_text().replace("\n", " ")
+
+
+def test_bsd_make_exits_1_on_a_pg_variable_naming_a_silent_server(checkout, tmp_path):
+    require(shutil.which("bmake"), "bmake", "apt-get install bmake")
+    env = dict(user_env(), PGHOST=str(tmp_path / "nothing-listens-here"))
+    result = subprocess.run(["bmake", "-s", "VENV=" + VENV, "flush"], cwd=checkout, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "make: no PostgreSQL answers at PGHOST=%s; " % env["PGHOST"] in result.stderr
 
 
 def test_pg_stop_stops_it_and_the_next_command_keeps_its_data(checkout):

@@ -239,11 +239,15 @@ def main(argv=None):
         if answer and answer[0] and not named:
             env = embedded("no PostgreSQL answers at libpq's defaults")
         elif answer:
-            fail("%s at %s; set PGHOST, PGPORT, PGUSER, PGPASSWORD or PGDATABASE, or use the"
-                 " checkout's own with PG=embedded (%s)" % (
-                     "no PostgreSQL answers" if answer[0] else "PostgreSQL refused us",
-                     " nor ".join(repr(d) if d else "libpq's defaults" for d in args.roles),
-                     answer[1]))
+            # Where the environment names the server, say what it names, never "set" it.
+            settings = " ".join("%s=%s" % (v, os.environ[v]) for v in named)
+            fix = ("check that server and role, or unset them: make then tries libpq's"
+                   " defaults, then the checkout's own" if named else "set PGHOST, PGPORT, PGUSER, PGPASSWORD or PGDATABASE,"
+                   " or use the checkout's own with PG=embedded")
+            fail("%s at %s; %s (%s)" % (
+                "no PostgreSQL answers" if answer[0] else "PostgreSQL refused us",
+                " nor ".join(repr(d) if d else settings or "libpq's defaults"
+                             for d in args.roles), fix, answer[1]))
     if command:
         os.execvpe(command[0], command, env or os.environ)
     return 0
