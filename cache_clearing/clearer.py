@@ -19,8 +19,10 @@ error or a key left queued, 2 usage or configuration error.
 
 import argparse
 import bisect
+import collections
 import datetime
 import fnmatch
+import itertools
 import logging
 import math
 import os
@@ -90,17 +92,55 @@ def main(argv=None):
         return 1
     noun = "key" if config.source else "port"
     if args.dry_run:
-        log.info("dry run: would clear %s, would remove %s; nothing changed in %d ms",
+        log.info("dry run: would clear %s, would remove %s; nothing changed in %d ms%s",
                  count(len(cache.cleared), noun), count(cache.files, "file"),
-                 (time.monotonic() - started) * 1000)
+                 (time.monotonic() - started) * 1000, listed_keys(config, cache.cleared))
         return 1 if failed else 0
-    log.info("cleared %s, deleted %s, removed %s%s in %d ms",
+    log.info("cleared %s, deleted %s, removed %s%s in %d ms%s",
              count(len(cache.cleared), noun), count(rows, "row"), count(cache.files, "file"),
              ", %s %s" % (count(len(failed), noun), "retried alone" if args.for_daemon
                           else "left queued") if failed else "",
-             (time.monotonic() - started) * 1000)
+             (time.monotonic() - started) * 1000, listed_keys(config, cache.cleared))
     # The daemon's runs go on: each failed key is queued again, to be retried alone.
     return 1 if failed and not args.for_daemon else 0
+
+
+CHEAP_TO_COUNT = 100000  # keys a run's line counts by queue; a backlog's would cost 0.2 s
+
+
+def listed_keys(config, items, shown_keys=3):
+    """': queue KEY, KEY, KEY and N more; queue ...' for a run's line; '' for none.
+
+    The first keys met, not the least: never a sort of a backlog.
+    """
+    if not items:
+        return ""
+    if len(config.queues) == 1:
+        counts = {0: len(items)}
+    elif len(items) <= CHEAP_TO_COUNT:
+        counts = collections.Counter(index for index, _ in items)
+    else:   # a backlog over several queues: the first few keys met, with their queues
+        first = list(itertools.islice(items, shown_keys))
+        return ": %s and %d more" % (", ".join("%s %s" % (config.queues[index].table,
+                                                          key_shown(key))
+                                               for index, key in first),
+                                     len(items) - len(first))
+    parts = []
+    for index in sorted(counts):
+        first = itertools.islice((key for i, key in items if i == index), shown_keys)
+        texts = [key_shown(key) for key in first if key]
+        line = config.queues[index].table       # a queue without keys: its name alone
+        if texts:
+            more = counts[index] - len(texts)
+            line += " " + ", ".join(texts) + (" and %d more" % more if more else "")
+        parts.append(line)
+    return ": " + "; ".join(parts)
+
+
+def key_shown(key):
+    """A key as a run's line shows it: its values as JSON, cut."""
+    # A key by hand is (name, value) pairs; from the queue, its values.
+    return cut(key_text([v for _, v in key] if key and isinstance(key[0], tuple) else key), 100)
 
 
 def build_parser():

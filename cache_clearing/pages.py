@@ -16,11 +16,11 @@ import shlex
 import signal
 import stat
 import subprocess
-import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor     # not lazily, in the run
 
-from .errors import ConfigError, count, exit_status, one_line
+from .errors import ConfigError, count, cut, exit_status, one_line
 from .templates import Target
 
 UNLINK_THREADS = 3      # for a large batch: unlinking written-back pages waits on the disk
@@ -115,6 +115,21 @@ def in_this_thread(function, *args):
     return future
 
 
+OUTPUT_LINES = 100      # of a command's output, per run of it; the rest are counted
+
+
+def log_output(pipe, program):
+    """Log each line a command writes as ours, at info level (-q hides them), named and cut."""
+    name, lines = os.path.basename(program), 0
+    with pipe:
+        for raw in pipe:
+            lines += 1
+            if lines <= OUTPUT_LINES:
+                log.info("command %s: %s", name, cut(raw.decode("utf-8", "replace").rstrip("\n")))
+    if lines > OUTPUT_LINES:
+        log.info("command %s: %s more not shown", name, count(lines - OUTPUT_LINES, "line"))
+
+
 class Cache:
     """The cache directory, opened; what one run did to it, over all its attempts."""
 
@@ -188,12 +203,23 @@ class Cache:
             return True
         env = {k: v for k, v in os.environ.items()
                if k not in WITHHELD and not k.startswith("PG")}
-        try:    # its output goes to our stderr; its process group is its own
+        try:    # its output is logged as ours; its process group is its own
             command = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True,
-                                       stdout=sys.stderr.fileno(), env=env)
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       env=env)
         except OSError as e:
             self.fail(item, "command %s: %s" % (shlex.join(argv), e.strerror))
             return False
+        output = threading.Thread(target=log_output, args=(command.stdout, argv[0]),
+                                  daemon=True)
+        output.start()
+        try:
+            return self.wait_for(item, command, argv, timeout)
+        finally:
+            output.join(TICK * 10)      # its pipe closes with its group, killed below
+
+    def wait_for(self, item, command, argv, timeout):
+        """Wait for a command within its timeout, saying progress; kill its group after."""
         deadline = time.monotonic() + timeout
         try:
             while True:     # a command running within its timeout is progress

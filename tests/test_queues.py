@@ -588,3 +588,65 @@ def test_the_daemon_says_at_start_what_it_clears(queues, cache, tmp_path, daemon
     assert first.endswith("INFO: listen_clear_cache %s: cache %s, consumer '', 2 queues:"
                           " q_dates (d/{day}.html e/{day:%%Y}/), q_all (command /bin/echo all;"
                           " on news)" % (__version__, cache)), first
+
+
+def test_a_commands_output_is_logged_as_ours_stamped_named_and_quiet_under_q(queues, cache,
+                                                                              tmp_path):
+    config = command_config(tmp_path, "/bin/sh -c 'echo out $0; echo err >&2' {day}")
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
+    result = clear("--config", config, dsn=queues, cache=cache, env={
+        "CLEAR_CACHE_TIMESTAMPS": "1"})
+    assert result.returncode == 0 and result.stdout == "", result
+    said = result.stderr.splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} clear_cache: INFO: command sh: "
+    assert [line for line in said if re.match(stamp + "out 2026-11-30$", line)], said
+    assert [line for line in said if re.match(stamp + "err$", line)], said
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-29')")
+    result = clear("--config", config, "-q", dsn=queues, cache=cache)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result
+
+
+def test_a_commands_output_is_bounded_per_run(queues, cache, tmp_path):
+    config = command_config(tmp_path, "/bin/sh -c 'seq 1000; seq 200000 | tr -d \"\\n\"'")
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30')")
+    result = clear("--config", config, dsn=queues, cache=cache)
+    assert result.returncode == 0, result.stderr
+    ours = [line for line in result.stderr.splitlines() if "command sh: " in line]
+    assert len(ours) == 101 and ours[-1].endswith("command sh: 901 lines more not shown"), ours
+    assert len(result.stderr) < 64 * 1024
+
+
+def test_each_runs_line_names_its_queues_and_a_few_keys(queues, cache, tmp_path):
+    config = write_config(tmp_path, "[ports_cache_clearing]\npages = {category}/{port}/*\n"
+                          "[q_dates]\npages = d/{day}.html\n[q_all]\npages = news/*\n")
+    add_ports(queues, *["www/p%d" % i for i in range(10)])
+    sql(queues, "INSERT INTO q_dates (day) VALUES ('2026-11-30'); INSERT INTO q_all"
+        " DEFAULT VALUES")
+    result = clear("--config", config, dsn=queues, cache=cache)
+    assert result.returncode == 0, result.stderr
+    line = [line for line in result.stderr.splitlines() if "cleared 12 keys" in line][0]
+    found = re.search(r" ms: ports_cache_clearing (.*) and 7 more; q_dates \["
+                      r"\"2026-11-30\"\]; q_all$", line)
+    assert found, line
+    assert len(re.findall(r'\["www", "p\d"\]', found.group(1))) == 3, line
+
+
+def test_the_daemons_runs_name_their_keys_at_the_default_level(db, cache, tmp_path):
+    add_ports(db, "www/a")
+    log = tmp_path / "daemon.log"
+    with log.open("w") as err:      # neither -v nor -q
+        proc = subprocess.Popen([sys.executable, LISTEN, "--cache-dir", str(cache),
+                                 "--heartbeat", "600"], stderr=err, env=dict(
+                                     clean_env(), CLEAR_CACHE_DSN=db))
+    try:
+        wait_for(lambda: "listening" in log.read_text(), what="the daemon")
+        page = make_page(cache, "www/a")
+        sql(db, "UPDATE ports SET version = 'x' WHERE category = 'www' AND name = 'a'")
+        wait_for(lambda: not page.exists(), what="the change")
+        wait_for(lambda: re.search(r'clear_cache: INFO: cleared 1 port, deleted \d+ rows?, removed'
+                                   r' 1 file in \d+ ms: ports_cache_clearing \["www", "a"\]$',
+                                   log.read_text(), re.M), what="the run's line:\n"
+                 + log.read_text())
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0, log.read_text()
