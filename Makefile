@@ -67,7 +67,8 @@ demo: venv
 pg-stop:
 	@$(PYTHON) contrib/make/pg.py --stop
 
-# Removes what the targets made, the checkout's PostgreSQL with its data
-# included (stopped first); the venvs stay: rm -rf .venv .venv-* for those.
+# Removes what the targets made: the checkout's PostgreSQL with its data
+# (stopped first), and ./cache, make run's cache (never $(CACHE_DIR), which
+# make also takes from the environment); the venvs stay: rm -rf .venv .venv-*.
 clean: pg-stop
-	rm -rf .pg dist build *.egg-info reliability.json .pytest_cache .hypothesis __pycache__
+	rm -rf .pg cache dist build *.egg-info reliability.json .pytest_cache .hypothesis __pycache__

@@ -96,11 +96,12 @@ def main(argv=None):
                  count(len(cache.cleared), noun), count(cache.files, "file"),
                  (time.monotonic() - started) * 1000, listed_keys(config, cache.cleared))
         return 1 if failed else 0
-    log.info("cleared %s, deleted %s, removed %s%s in %d ms%s",
+    log.info("cleared %s, deleted %s, removed %s%s in %d ms%s%s",
              count(len(cache.cleared), noun), count(rows, "row"), count(cache.files, "file"),
              ", %s %s" % (count(len(failed), noun), "retried alone" if args.for_daemon
                           else "left queued") if failed else "",
-             (time.monotonic() - started) * 1000, listed_keys(config, cache.cleared))
+             (time.monotonic() - started) * 1000, requeued(cache),
+             listed_keys(config, cache.cleared))
     # The daemon's runs go on: each failed key is queued again, to be retried alone.
     return 1 if failed and not args.for_daemon else 0
 
@@ -135,6 +136,14 @@ def listed_keys(config, items, shown_keys=3):
             line += " " + ", ".join(texts) + (" and %d more" % more if more else "")
         parts.append(line)
     return ": " + "; ".join(parts)
+
+
+def requeued(cache):
+    """', 2 re-clears due in 5 s' for a run's line, from {delay: re-clears}."""
+    if not cache.requeued:
+        return ""
+    return ", %s due in %s" % (count(sum(cache.requeued.values()), "re-clear"),
+                               " or ".join("%g s" % d for d in sorted(cache.requeued)))
 
 
 def key_shown(key):
@@ -509,13 +518,15 @@ def clear_snapshot(cur, cache, config, layout, answered, alone=False):
                                                          deleting.result()[1]))
         cache.progress("clearing %s" % count(len(changed), "key"))
         failed = cache.clear(changed, targets, commands)
-    rows, forgotten = deleting.result()[0], queueing.result()
+    rows, (forgotten, queued) = deleting.result()[0], queueing.result()
     if failed:
         cur.execute("ROLLBACK TO SAVEPOINT snapshot_read")
         retry = retry_alone(cur, cache, config, layout, failed) if alone else None
-        rows, forgotten = update_queues(cur.connection, changed, config, layout, failed, retry)
+        rows, forgotten, queued = update_queues(cur.connection, changed, config, layout, failed,
+                                                retry)
     cache.progress("committing")
     cur.execute("COMMIT")
+    cache.requeued = queued
     for table, key, since, attempts in forgotten:
         log.info("%s %s: cleared, after %s since %s", table, cut(key),
                  count(attempts, "failed attempt"), since.strftime("%H:%M:%S"))

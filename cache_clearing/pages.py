@@ -144,6 +144,7 @@ class Cache:
         # A serialization failure retries the transaction: count over all attempts.
         self.cleared = set()    # the items cleared
         self.files = 0          # the files removed
+        self.requeued = {}      # {delay: re-clears queued}, of the attempt that committed
         self.reasons = {}       # a target or an item that failed -> why, its first failure
 
     def fail(self, what, text):

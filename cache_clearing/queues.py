@@ -4,6 +4,7 @@ Every statement is composed with psycopg2.sql; a table is named as
 PostgreSQL reads an unquoted name (folded to lower case) and quoted.
 """
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -248,7 +249,8 @@ LONGEST = 131072    # bytes: Linux's longest argument; a file name is 255 at mos
 
 
 def update_queues(conn, changed, config, layout, failed=(), retry=None):
-    """Delete the due rows, queue re-clears; return (rows deleted, failures forgotten).
+    """Delete the due rows, queue re-clears; return (rows deleted, failures forgotten,
+    {delay: re-clears queued}).
 
     changed: {item: queued by a change, not only by a re-clear}.  Without
     failed keys it first sets the savepoint that undoes it all, should a key
@@ -258,7 +260,7 @@ def update_queues(conn, changed, config, layout, failed=(), retry=None):
     The records of failing keys that it clears go too, and are returned.
     """
     rows, failing = delete_due(conn, config, layout, failed, retry)
-    return rows, queue_again_after(conn, changed, config, layout, failing, failed, retry)
+    return (rows,) + queue_again_after(conn, changed, config, layout, failing, failed, retry)
 
 
 def delete_due(conn, config, layout, failed=(), retry=None):
@@ -286,19 +288,24 @@ def delete_due(conn, config, layout, failed=(), retry=None):
 
 
 def queue_again_after(conn, changed, config, layout, failing, failed=(), retry=None):
-    """update_queues' second half, after delete_due: the failures forgotten."""
+    """update_queues' second half, after delete_due: (the failures forgotten, {delay:
+    re-clears queued})."""
     params, failed = {"c": config.consumer}, set(failed)
+    # A render that read the database before the change committed may write
+    # its page after we delete it: clear once more, later.  Re-clears queue
+    # nothing, so they never chain.
+    again = {}
+    for (i, k), change in changed.items():
+        if change and (i, k) not in failed:
+            again.setdefault(i, []).append(k)
+    queued = collections.Counter()
     with conn.cursor() as cur:
         for index, (queue, keys) in enumerate(zip(layout.queues, layout.keys)):
-            # A render that read the database before the change committed may
-            # write its page after we delete it: clear once more, later.
-            # Re-clears queue nothing, so they never chain.
-            again = [k for (i, k), change in changed.items()
-                     if i == index and change and (i, k) not in failed]
             delay = config.again_after if queue.again_after is None else queue.again_after
-            if delay and again:
+            if delay and again.get(index):
                 queue_again(cur, queue, keys, dict(params, reclear=True, **columns(
-                    again, keys, [delay] * len(again))))
+                    again[index], keys, [delay] * len(again[index]))))
+                queued[delay] += len(again[index])
             later = [(k, seconds) for (i, k), seconds in (retry or {}).items() if i == index]
             if later:
                 queue_again(cur, queue, keys, dict(params, reclear=False, **columns(
@@ -312,7 +319,7 @@ def queue_again_after(conn, changed, config, layout, failing, failed=(), retry=N
             cur.execute(FORGET, dict(params, queues=[t for t, _ in gone],
                                      keys=[k for _, k in gone]))
             forgotten = cur.fetchall()
-    return forgotten
+    return forgotten, queued
 
 
 def warm_up(cur, layout, consumer):

@@ -330,3 +330,12 @@ def test_unparsable_dsn_and_bad_database_leave_the_queue(db, cache):
 
 def test_missing_queue_table_is_one_line(admin_dsn, cache):
     assert_one_line_error(clear(dsn=admin_dsn, cache=cache), 1)
+
+
+def test_a_run_says_the_re_clears_it_queued_and_when_they_are_due(db, cache):
+    add_ports(db, "www/a", "www/b")
+    result = clear(dsn=db, cache=cache, env={"CLEAR_CACHE_AGAIN_AFTER": "7"})
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"cleared 2 ports, deleted 2 rows, removed 0 files in \d+ ms,"
+                     r" 2 re-clears due in 7 s: ports_cache_clearing ", result.stderr), \
+        result.stderr

@@ -182,10 +182,14 @@ def test_pg_stop_stops_it_and_the_next_command_keeps_its_data(checkout):
 def test_make_clean_stops_and_removes_it(checkout):
     assert make(checkout, "demo", "PG=embedded").returncode == 0
     pid = postmaster(checkout)
-    result = make(checkout, "clean")
+    (checkout / "cache" / "www").mkdir(parents=True)     # make run's cache
+    elsewhere = checkout / "kept"
+    elsewhere.mkdir()
+    result = make(checkout, "clean", env=dict(user_env(), CACHE_DIR=str(elsewhere)))
     assert result.returncode == 0, result.stderr
     assert not alive(pid) and processes_of(checkout) == []
-    assert not (checkout / ".pg").exists()
+    assert not (checkout / ".pg").exists() and not (checkout / "cache").exists()
+    assert elsewhere.exists(), "never the CACHE_DIR of the environment"
     assert (checkout / "Makefile").exists()
 
 

@@ -625,7 +625,7 @@ def test_each_runs_line_names_its_queues_and_a_few_keys(queues, cache, tmp_path)
     result = clear("--config", config, dsn=queues, cache=cache)
     assert result.returncode == 0, result.stderr
     line = [line for line in result.stderr.splitlines() if "cleared 12 keys" in line][0]
-    found = re.search(r" ms: ports_cache_clearing (.*) and 7 more; q_dates \["
+    found = re.search(r" ms, 12 re-clears due in 5 s: ports_cache_clearing (.*) and 7 more; q_dates \["
                       r"\"2026-11-30\"\]; q_all$", line)
     assert found, line
     assert len(re.findall(r'\["www", "p\d"\]', found.group(1))) == 3, line
@@ -644,7 +644,8 @@ def test_the_daemons_runs_name_their_keys_at_the_default_level(db, cache, tmp_pa
         sql(db, "UPDATE ports SET version = 'x' WHERE category = 'www' AND name = 'a'")
         wait_for(lambda: not page.exists(), what="the change")
         wait_for(lambda: re.search(r'clear_cache: INFO: cleared 1 port, deleted \d+ rows?, removed'
-                                   r' 1 file in \d+ ms: ports_cache_clearing \["www", "a"\]$',
+                                   r' 1 file in \d+ ms, 1 re-clear due in 5 s:'
+                                   r' ports_cache_clearing \["www", "a"\]$',
                                    log.read_text(), re.M), what="the run's line:\n"
                  + log.read_text())
     finally:
