@@ -350,5 +350,11 @@ def test_consumers_runs_take_turns_so_that_a_writer_cannot_doom_the_longer(db, t
     assert waited, logs
     for name, run in runs.items():
         assert run.returncode == 0, logs[name]
-        assert "retrying" not in logs[name], logs[name]
+    assert "retrying" not in logs["web1"], logs["web1"]     # the longer run is never doomed
+    # PostgreSQL wakes a lock's waiter before it records the holder's commit for
+    # SERIALIZABLE (resowner.c: ProcReleaseLocks, then ReleasePredicateLocks): in
+    # that moment web2's snapshot may still count web1 as running, and web2, not
+    # web1, is cancelled as a pivot during its write (one run in four here).
+    # Once: its retry begins after web1 has wholly ended.
+    assert logs["web2"].count("retrying") <= 1, logs["web2"]
     assert not any(page.exists() for page in pages)
