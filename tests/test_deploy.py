@@ -530,24 +530,19 @@ def test_the_daemontools_steps_install_and_uninstall_as_written(db, cache, tmp_p
     services.mkdir()
     paths = {"/var/service-src": str(src), "/etc/service": str(services)}
 
-    def run(line):
-        for example, real in paths.items():
-            line = line.replace(example, real)
-        subprocess.run(["sh", "-c", line], cwd=CONTRIB, check=True, capture_output=True)
-
     scan = subprocess.Popen(["svscan", str(services)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         install = readme_block("Install (Debian")
         assert install[0].startswith("mkdir") and install[2].startswith("vi ")
         for line in install[:2]:
-            run(line)
+            as_root(line, paths, CONTRIB)
         env = src / "listen-clear-cache" / "env"        # what `vi` would do
         settings = write_settings(tmp_path / "settings.env", LCC_DAEMON=DAEMON,
                                   CLEAR_CACHE_DSN=db, CLEAR_CACHE_DIR=cache)
         (env / "LCC_SETTINGS").write_text("%s\n" % settings)
         (env / "LCC_ACCOUNT").write_text("\n")
-        run(install[3])                                  # the link: svscan starts it
+        as_root(install[3], paths, CONTRIB)             # the link: svscan starts it
         service = services / "listen-clear-cache"
         wait_for(lambda: up_pid(service), timeout=20, what="svscan to start the service")
         add_ports(db, "www/a")
@@ -560,7 +555,7 @@ def test_the_daemontools_steps_install_and_uninstall_as_written(db, cache, tmp_p
         uninstall = readme_block("Uninstall, in this order")
         assert uninstall[0].startswith("rm /etc/service/") and "svc -dx" in uninstall[1]
         for line in uninstall:
-            run(line)
+            as_root(line, paths, CONTRIB)
         wait_for(lambda: not Path("/proc/%d" % daemon).exists(), what="the daemon to stop")
         time.sleep(6)       # longer than svscan's 5 s: it must not start it again
         assert supervising(src) == [], "svscan started it again"
